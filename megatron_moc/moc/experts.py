@@ -1,0 +1,190 @@
+"""Experts: a SwiGLU FFN run S times with shared weights, the Iterative Reasoning Loop.
+
+Legend: P dispatched rows (sorted by expert), E experts, D hidden, F ffn size, S steps.
+MOC_MATH.md §3:
+    h_0 = x
+    h_s = h_{s-1} + a_s · α · FFN_e(RMSNorm_e(h_{s-1} + x)),  α = 1/sqrt(S)
+    FFN_e(z) = W2_e( silu(z·W_gate) ⊙ (z·W_up) )
+
+Weights are stacked so a grouped GEMM consumes them: w13 [E, D, 2F] (gate columns first,
+then up), w2 [E, F, D]. One place picks how the grouped MLP runs (`moc_expert_backend`):
+    triton      our grouped-GEMM kernel (kernels/), GPUs
+    grouped_mm  torch.nn.functional.grouped_mm, device-side offsets, no host sync
+    loop        a Python loop over experts: the readable spec, fp64 tests only (it reads the
+                offsets back to the host, so never on a training path)
+    auto        triton when it can run, else grouped_mm (fp32/bf16), else loop (fp64)
+Hard adaptive mode runs step s on the still-active rows only, compacted per expert, so the
+grouped GEMM does no work for the others.
+"""
+
+import logging
+import math
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron_moc.model.norm import rms_norm
+from megatron_moc.moc.adaptive import step_activity
+
+log = logging.getLogger(__name__)
+_LOGGED = set()
+
+
+def _log_once(msg: str) -> None:
+    if msg not in _LOGGED:
+        _LOGGED.add(msg)
+        log.warning(msg)
+
+
+# ----------------------------------------------------------------------------- backends
+def swiglu_mlp_loop(z_PD, w13_EDF, w2_EFD, offsets_E1):
+    """Readable reference: one expert at a time. Syncs on `offsets.tolist()` (tests only)."""
+    bounds = offsets_E1.tolist()
+    pieces = []
+    for e in range(w13_EDF.shape[0]):
+        rows = z_PD[bounds[e]:bounds[e + 1]]
+        gate, up = (rows @ w13_EDF[e]).chunk(2, dim=-1)
+        pieces.append((F.silu(gate) * up) @ w2_EFD[e])
+    pieces.append(z_PD.new_zeros(z_PD.shape[0] - bounds[-1], w2_EFD.shape[-1]))
+    return torch.cat(pieces)
+
+
+def swiglu_mlp_grouped_mm(z_PD, w13_EDF, w2_EFD, offsets_E1):
+    """F.grouped_mm with device-side int32 offsets. grouped_mm leaves rows past the last
+    offset (and their gradients) uninitialized, so both are masked with `where`."""
+    valid = (torch.arange(z_PD.shape[0], device=z_PD.device) < offsets_E1[-1]).unsqueeze(-1)
+    offs = offsets_E1[1:].to(torch.int32)
+    z = torch.where(valid, z_PD, 0).contiguous()
+    gate_up = torch.where(valid, F.grouped_mm(z, w13_EDF, offs=offs), 0)
+    gate, up = gate_up.chunk(2, dim=-1)
+    act = (F.silu(gate) * up).contiguous()
+    return torch.where(valid, F.grouped_mm(act, w2_EFD, offs=offs), 0)
+
+
+def swiglu_mlp_triton(z_PD, w13_EDF, w2_EFD, offsets_E1):
+    from kernels.grouped_gemm import expert_swiglu_mlp
+
+    return expert_swiglu_mlp(z_PD, w13_EDF, w2_EFD, offsets_E1)
+
+
+def _triton_can_run() -> bool:
+    try:
+        from kernels.grouped_gemm import backend_available
+    except Exception:  # kernels missing or Triton not installed
+        return False
+    return backend_available()
+
+
+def pick_backend(name: str, dtype: torch.dtype):
+    """The one place that maps `moc_expert_backend` to a function."""
+    if name == "auto":
+        if dtype == torch.float64:
+            name = "loop"
+        elif _triton_can_run():
+            name = "triton"
+        else:
+            name = "grouped_mm"
+            _log_once("MoC experts: Triton grouped GEMM unavailable (no GPU or Triton); "
+                      "using torch.nn.functional.grouped_mm")
+    return {"triton": swiglu_mlp_triton, "grouped_mm": swiglu_mlp_grouped_mm,
+            "loop": swiglu_mlp_loop}[name]
+
+
+# ----------------------------------------------------------------------------- module
+class IRLExperts(nn.Module):
+    """E experts, each a SwiGLU FFN with its own RMSNorm_e and (adaptive) step gate G_e."""
+
+    def __init__(self, config, num_experts: int):
+        super().__init__()
+        self.config = config
+        self.num_experts = E = num_experts
+        D, Fh = config.hidden_size, (config.moe_ffn_hidden_size or config.ffn_hidden_size)
+        self.steps = S = config.moc_irl_steps
+        self.alpha = 1.0 / math.sqrt(S)
+        dt = config.params_dtype
+        self.w13 = nn.Parameter(torch.empty(E, D, 2 * Fh, dtype=dt))
+        self.w2 = nn.Parameter(torch.empty(E, Fh, D, dtype=dt))
+        self.norm_weight = nn.Parameter(torch.ones(E, D, dtype=dt))
+        config.init_method(self.w13)
+        config.init_method(self.w2)
+        if config.adaptive_steps_on:
+            self.step_gate_weight = nn.Parameter(torch.empty(E, S + 1, D, dtype=dt))
+            self.step_gate_bias = nn.Parameter(torch.zeros(E, S + 1, dtype=dt))
+            config.init_method(self.step_gate_weight)
+        else:
+            self.step_gate_weight = self.step_gate_bias = None
+
+    def activity(self, x_PD: torch.Tensor, expert_P: torch.Tensor):
+        """Per-row step activity a [P, S] and E[steps] [P], fp32 (the gate is fp32).
+
+        Every row's logits for all E gates come from one dense GEMM [P, D]·[D, E(S+1)]
+        (cheap: E(S+1) columns), then each row keeps its own expert's slice.
+        """
+        cfg, P, S = self.config, x_PD.shape[0], self.steps
+        dt = torch.float64 if x_PD.dtype == torch.float64 else torch.float32
+        if self.step_gate_weight is None:
+            return x_PD.new_ones(P, S, dtype=dt), x_PD.new_full((P,), float(S), dtype=dt)
+        w = self.step_gate_weight.to(dt).reshape(-1, x_PD.shape[1])           # [E(S+1), D]
+        logits = (x_PD.to(dt) @ w.t() + self.step_gate_bias.to(dt).reshape(-1))
+        logits = logits.view(P, self.num_experts, S + 1)
+        logits = logits.gather(1, expert_P.view(P, 1, 1).expand(P, 1, S + 1)).squeeze(1)
+        return step_activity(logits, cfg.moc_step_gate_temperature, cfg.moc_adaptive_mode)
+
+    def forward(self, x_PD: torch.Tensor, expert_P: torch.Tensor, offsets_E1: torch.Tensor
+                ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Args: x_PD rows sorted by expert (kept rows first); expert_P int64 [P];
+        offsets_E1 int64 [E+1]. Returns (h_PD: IRL output, zero-update past offsets[E];
+        expected_steps_P fp32 [P])."""
+        mlp = pick_backend(self.config.moc_expert_backend, x_PD.dtype)
+        activity_PS, expected_P = self.activity(x_PD, expert_P)
+        hard = self.config.moc_adaptive_mode == "hard" and self.step_gate_weight is not None
+        norm_w_PD = self.norm_weight.index_select(0, expert_P)
+        eps = self.config.layernorm_epsilon
+        h = x_PD
+        for s in range(self.steps):
+            a_P1 = (activity_PS[:, s:s + 1] * self.alpha).to(x_PD.dtype)
+            if hard:
+                h = h + self._hard_step(mlp, h, x_PD, norm_w_PD, expert_P, offsets_E1,
+                                        activity_PS[:, s], a_P1, eps)
+            else:
+                z = rms_norm(h + x_PD, norm_w_PD, eps)
+                h = h + a_P1 * mlp(z, self.w13, self.w2, offsets_E1)
+        return h, expected_P
+
+    def _hard_step(self, mlp, h, x, norm_w, expert_P, offsets_E1, active_P, a_P1, eps):
+        """One hard-mode step on the active rows only: compact them per expert (a stable
+        sort on (inactive, expert), all on the device), run the grouped MLP, scatter back."""
+        P, E = h.shape[0], self.num_experts
+        kept = torch.arange(P, device=h.device) < offsets_E1[-1]
+        active = (active_P > 0) & kept
+        order = torch.argsort(expert_P + E * (~active).long(), stable=True)
+        counts = torch.zeros(E, dtype=torch.long, device=h.device)
+        counts.scatter_add_(0, expert_P, active.long())
+        offsets = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
+        z = rms_norm(h.index_select(0, order) + x.index_select(0, order),
+                     norm_w.index_select(0, order), eps)
+        out = mlp(z, self.w13, self.w2, offsets) * a_P1.index_select(0, order)
+        return torch.zeros_like(h).index_copy(0, order, out)
+
+
+class IRLFeedForward(nn.Module):
+    """The dense FFN of `dense` / `irl_only` models: the IRL expert with a single expert
+    (MOC_MATH.md: "dense / IRL-only models use an FFN here instead")."""
+
+    def __init__(self, config, **kwargs):
+        super().__init__()
+        self.config = config
+        self.ffn = IRLExperts(config, num_experts=1)
+        with torch.no_grad():  # spec init: the dense FFN's w2 is scaled like o_proj
+            self.ffn.w2.mul_(1.0 / math.sqrt(2 * config.num_layers))
+
+    def forward(self, hidden_states: torch.Tensor, **kwargs):
+        shape = hidden_states.shape
+        x_ND = hidden_states.reshape(-1, shape[-1])
+        N = x_ND.shape[0]
+        expert = torch.zeros(N, dtype=torch.long, device=x_ND.device)
+        offsets = torch.arange(2, device=x_ND.device) * N  # [0, N], made on the device
+        h, _ = self.ffn(x_ND, expert, offsets)
+        return h.view(shape), None

@@ -1,0 +1,160 @@
+"""Collaboration through a mediator, and the gated fusion (MOC_MATH.md §4, §5).
+
+Legend: N tokens, K slots, D hidden size, R rounds.
+
+Two combiners turn each token's K expert states into one vector (before o_proj):
+- `WeightedSumCombiner`: ws = Σ_k w_k·e_k, w_k = p_k·m_k / Σ p_k·m_k. The MoE baseline, and
+  any model with R = 0 (the research code skips the mediator and γ when R = 0).
+- `MediatorCombiner`: R rounds of O(K) attention from a per-token mediator to the K states,
+  gated feedback to the states, adaptive rounds, then fused = γ·mediator + (1−γ)·ws.
+Tokens whose every pair was dropped output x in both (the layer applies that).
+Softmaxes and gates run in fp32.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron_moc.model.norm import RMSNorm
+from megatron_moc.moc.adaptive import step_activity
+
+
+@dataclass(frozen=True)
+class CombineResult:
+    fused_ND: torch.Tensor
+    aux_loss: torch.Tensor       # round penalty (0-dim)
+    avg_rounds: torch.Tensor     # E[rounds] averaged over tokens (diagnostic)
+    mean_gamma: torch.Tensor     # mean γ over tokens (diagnostic; 0 without fusion)
+
+
+def fusion_weights(probs_NK: torch.Tensor, keep_NK: torch.Tensor) -> torch.Tensor:
+    """w_k = p_k·m_k / Σ_k p_k·m_k (fp32), 0 for a token with no kept pair."""
+    masked = probs_NK * keep_NK.to(probs_NK.dtype)
+    denom = masked.sum(-1, keepdim=True)
+    return torch.where(denom > 0, masked / torch.where(denom > 0, denom, 1), 0)
+
+
+def weighted_sum(states_NKD: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
+    return (states_NKD * w_NK.to(states_NKD.dtype).unsqueeze(-1)).sum(1)
+
+
+class WeightedSumCombiner(nn.Module):
+    def __init__(self, config, **kwargs):
+        super().__init__()
+
+    def forward(self, x_ND, states_NKD, probs_NK, keep_NK) -> CombineResult:
+        zero = x_ND.new_zeros((), dtype=torch.float32)
+        ws = weighted_sum(states_NKD, fusion_weights(probs_NK, keep_NK))
+        return CombineResult(fused_ND=ws, aux_loss=zero, avg_rounds=zero, mean_gamma=zero)
+
+
+def _linear(config, d_in: int, d_out: int, bias: bool = False) -> nn.Linear:
+    layer = nn.Linear(d_in, d_out, bias=bias, dtype=config.params_dtype)
+    config.init_method(layer.weight)
+    if bias:
+        nn.init.zeros_(layer.bias)
+    return layer
+
+
+class MediatorCombiner(nn.Module):
+    """Mediator rounds + feedback + γ fusion. Parameter names follow the research code's."""
+
+    def __init__(self, config, **kwargs):
+        super().__init__()
+        self.config = config
+        D, R = config.hidden_size, config.moc_collab_rounds
+        eps = config.layernorm_epsilon
+        self.rounds = R
+        if config.moc_mediator_vector:
+            self.mediator = nn.Parameter(torch.empty(1, D, dtype=config.params_dtype))
+            config.init_method(self.mediator)
+        else:
+            self.mediator = None
+        self.med_context = _linear(config, D, D)
+        self.mediator_norm = RMSNorm(config, D, eps)
+        self.expert_norm = RMSNorm(config, D, eps)
+        self.med_q = _linear(config, D, D)
+        self.exp_k = _linear(config, D, D)
+        rank = config.moc_value_rank
+        if 0 < rank < D:  # low-rank values W_v = W_up·W_down
+            self.exp_v = nn.Sequential(_linear(config, D, rank), _linear(config, rank, D))
+        else:
+            self.exp_v = _linear(config, D, D)
+        self.med_mlp = nn.Sequential(_linear(config, D, D), RMSNorm(config, D, eps), nn.SiLU(),
+                                     _linear(config, D, D))
+        if config.moc_feedback:
+            self.med_to_exp = _linear(config, D, D)
+            self.exp_feedback_e = _linear(config, D, 1, bias=True)
+            self.exp_feedback_m = _linear(config, D, 1)
+        else:
+            self.med_to_exp = None
+        if config.adaptive_rounds_on:
+            self.collab_step_gate = _linear(config, D, R + 1, bias=True)
+        else:
+            self.collab_step_gate = None
+        self.fuse_gate = _linear(config, D, 1, bias=True)
+
+    def round(self, mediator_ND, states_NKD, keep_NK):
+        """One mediator round. Returns (mediator', states')."""
+        m_norm = self.mediator_norm(mediator_ND)
+        e_norm = self.expert_norm(states_NKD)
+        q_ND = self.med_q(m_norm)
+        k_NKD = self.exp_k(e_norm)
+        v_NKD = self.exp_v(e_norm)
+        # β: softmax over the kept experts, fp32, renormalized; 0 when none is kept.
+        scores = (k_NKD * q_ND.unsqueeze(1)).sum(-1).to(torch.float32) / math.sqrt(q_ND.shape[-1])
+        if states_NKD.dtype == torch.float64:
+            scores = scores.double()
+        keep = keep_NK.to(scores.dtype)
+        beta = torch.softmax(scores.masked_fill(~keep_NK, -1e4), dim=-1) * keep
+        denom = beta.sum(-1, keepdim=True)
+        beta = torch.where(denom > 0, beta / torch.where(denom > 0, denom, 1), 0)
+        msg_ND = (beta.to(v_NKD.dtype).unsqueeze(-1) * v_NKD).sum(1)
+        new_mediator = mediator_ND + self.med_mlp(m_norm + msg_ND)
+        if self.med_to_exp is None:
+            return new_mediator, states_NKD
+        feedback_ND = self.med_to_exp(self.mediator_norm(new_mediator))
+        gate_NK1 = torch.sigmoid(self.exp_feedback_e(states_NKD)
+                                 + self.exp_feedback_m(new_mediator).unsqueeze(1))
+        new_states = (states_NKD + gate_NK1 * feedback_ND.unsqueeze(1)) * keep_NK.unsqueeze(-1).to(states_NKD.dtype)
+        return new_mediator, new_states
+
+    def round_activity(self, x_ND, any_kept_N):
+        """c_r [N, R] and E[rounds] [N] (fp32); c_r = 0 for tokens with nothing kept."""
+        cfg, N, R = self.config, x_ND.shape[0], self.rounds
+        dt = torch.float64 if x_ND.dtype == torch.float64 else torch.float32
+        if self.collab_step_gate is None:
+            activity, expected = x_ND.new_ones(N, R, dtype=dt), x_ND.new_full((N,), float(R), dtype=dt)
+        else:
+            logits = F.linear(x_ND.to(dt), self.collab_step_gate.weight.to(dt),
+                              self.collab_step_gate.bias.to(dt))
+            activity, expected = step_activity(logits, cfg.moc_round_gate_temperature,
+                                               cfg.moc_adaptive_mode)
+        return activity * any_kept_N.unsqueeze(-1).to(dt), expected
+
+    def forward(self, x_ND, states_NKD, probs_NK, keep_NK) -> CombineResult:
+        cfg = self.config
+        w_NK = fusion_weights(probs_NK, keep_NK)
+        any_kept = keep_NK.any(-1)
+        context = self.med_context(x_ND.to(states_NKD.dtype))
+        if self.mediator is not None:
+            mediator = self.mediator.to(states_NKD.dtype) + context
+        else:
+            mediator = weighted_sum(states_NKD, w_NK) + context
+        activity_NR, expected_N = self.round_activity(x_ND, any_kept)
+        for r in range(self.rounds):
+            new_mediator, new_states = self.round(mediator, states_NKD, keep_NK)
+            c = activity_NR[:, r:r + 1].to(states_NKD.dtype)
+            mediator = mediator + c * (new_mediator - mediator)
+            states_NKD = states_NKD + c.unsqueeze(-1) * (new_states - states_NKD)
+        ws = weighted_sum(states_NKD * keep_NK.unsqueeze(-1).to(states_NKD.dtype), w_NK)
+        gamma_N1 = torch.sigmoid(self.fuse_gate(x_ND.to(ws.dtype)))
+        fused = gamma_N1 * mediator + (1 - gamma_N1) * ws
+        penalty = x_ND.new_zeros((), dtype=expected_N.dtype)
+        if cfg.moc_round_penalty_coeff > 0:
+            penalty = cfg.moc_round_penalty_coeff * expected_N.mean() / self.rounds
+        return CombineResult(fused_ND=fused, aux_loss=penalty, avg_rounds=expected_N.mean(),
+                             mean_gamma=gamma_N1.detach().float().mean())
