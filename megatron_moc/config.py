@@ -121,6 +121,9 @@ class MoCConfig(TransformerConfig):
         if self.num_query_groups is None:
             self.num_query_groups = self.num_attention_heads
         self.activation_func = F.silu
+        if self.moe_router_topk == 1:
+            # Megatron's own router insists on this for top-1; ours does not read it.
+            self.moe_router_pre_softmax = True
         super().__post_init__()
 
     # ------------------------------------------------------------------ validation

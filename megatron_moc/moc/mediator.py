@@ -105,9 +105,8 @@ class MediatorCombiner(nn.Module):
         k_NKD = self.exp_k(e_norm)
         v_NKD = self.exp_v(e_norm)
         # β: softmax over the kept experts, fp32, renormalized; 0 when none is kept.
-        scores = (k_NKD * q_ND.unsqueeze(1)).sum(-1).to(torch.float32) / math.sqrt(q_ND.shape[-1])
-        if states_NKD.dtype == torch.float64:
-            scores = scores.double()
+        dt = torch.float64 if states_NKD.dtype == torch.float64 else torch.float32
+        scores = (k_NKD * q_ND.unsqueeze(1)).sum(-1).to(dt) / math.sqrt(q_ND.shape[-1])
         keep = keep_NK.to(scores.dtype)
         beta = torch.softmax(scores.masked_fill(~keep_NK, -1e4), dim=-1) * keep
         denom = beta.sum(-1, keepdim=True)

@@ -1,0 +1,1 @@
+"""Pretraining: data, tokenizer, engine setup, checkpoints, logging."""
