@@ -17,6 +17,7 @@ Hard adaptive mode runs step s on the still-active rows only, compacted per expe
 grouped GEMM does no work for the others.
 """
 
+import functools
 import logging
 import math
 from typing import Optional, Tuple
@@ -63,26 +64,27 @@ def swiglu_mlp_grouped_mm(z_PD, w13_EDF, w2_EFD, offsets_E1):
     return torch.where(valid, F.grouped_mm(act, w2_EFD, offs=offs), 0)
 
 
-def swiglu_mlp_triton(z_PD, w13_EDF, w2_EFD, offsets_E1):
-    from kernels.grouped_gemm import expert_swiglu_mlp
+def swiglu_mlp_triton(z_PD, w13_EDF, w2_EFD, offsets_E1, wgrad_acc=None):
+    from kernels.expert_mlp import expert_swiglu_mlp
 
-    return expert_swiglu_mlp(z_PD, w13_EDF, w2_EFD, offsets_E1)
+    return expert_swiglu_mlp(z_PD, w13_EDF, w2_EFD, offsets_E1, wgrad_acc=wgrad_acc,
+                             backend="triton")
 
 
-def _triton_can_run() -> bool:
+def _triton_can_run(x: torch.Tensor) -> bool:
     try:
-        from kernels.grouped_gemm import backend_available
-    except Exception:  # kernels missing or Triton not installed
+        from kernels.gmm_backend import _interpreting, backend_available
+    except ImportError:  # Triton not installed
         return False
-    return backend_available()
+    return backend_available() and (x.is_cuda or _interpreting())
 
 
-def pick_backend(name: str, dtype: torch.dtype):
+def pick_backend(name: str, x: torch.Tensor):
     """The one place that maps `moc_expert_backend` to a function."""
     if name == "auto":
-        if dtype == torch.float64:
+        if x.dtype == torch.float64:
             name = "loop"
-        elif _triton_can_run():
+        elif _triton_can_run(x):
             name = "triton"
         else:
             name = "grouped_mm"
@@ -137,7 +139,16 @@ class IRLExperts(nn.Module):
         """Args: x_PD rows sorted by expert (kept rows first); expert_P int64 [P];
         offsets_E1 int64 [E+1]. Returns (h_PD: IRL output, zero-update past offsets[E];
         expected_steps_P fp32 [P])."""
-        mlp = pick_backend(self.config.moc_expert_backend, x_PD.dtype)
+        mlp = pick_backend(self.config.moc_expert_backend, x_PD)
+        w13, w2 = self.w13, self.w2
+        if mlp is swiglu_mlp_triton and self.steps > 1 and torch.is_grad_enabled():
+            # The S steps reuse the weights: their wgrads accumulate in one fp32 buffer in
+            # the wgrad kernel and are cast once (F.grouped_mm would round each to bf16).
+            from kernels.grouped_gemm import WeightGradAccumulator
+
+            acc = WeightGradAccumulator()
+            w13, w2 = acc.track(w13, w2)
+            mlp = functools.partial(swiglu_mlp_triton, wgrad_acc=acc)
         activity_PS, expected_P = self.activity(x_PD, expert_P)
         hard = self.config.moc_adaptive_mode == "hard" and self.step_gate_weight is not None
         norm_w_PD = self.norm_weight.index_select(0, expert_P)
@@ -146,14 +157,14 @@ class IRLExperts(nn.Module):
         for s in range(self.steps):
             a_P1 = (activity_PS[:, s:s + 1] * self.alpha).to(x_PD.dtype)
             if hard:
-                h = h + self._hard_step(mlp, h, x_PD, norm_w_PD, expert_P, offsets_E1,
+                h = h + self._hard_step(mlp, w13, w2, h, x_PD, norm_w_PD, expert_P, offsets_E1,
                                         activity_PS[:, s], a_P1, eps)
             else:
                 z = rms_norm(h + x_PD, norm_w_PD, eps)
-                h = h + a_P1 * mlp(z, self.w13, self.w2, offsets_E1)
+                h = h + a_P1 * mlp(z, w13, w2, offsets_E1)
         return h, expected_P
 
-    def _hard_step(self, mlp, h, x, norm_w, expert_P, offsets_E1, active_P, a_P1, eps):
+    def _hard_step(self, mlp, w13, w2, h, x, norm_w, expert_P, offsets_E1, active_P, a_P1, eps):
         """One hard-mode step on the active rows only: compact them per expert (a stable
         sort on (inactive, expert), all on the device), run the grouped MLP, scatter back."""
         P, E = h.shape[0], self.num_experts
@@ -165,7 +176,7 @@ class IRLExperts(nn.Module):
         offsets = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
         z = rms_norm(h.index_select(0, order) + x.index_select(0, order),
                      norm_w.index_select(0, order), eps)
-        out = mlp(z, self.w13, self.w2, offsets) * a_P1.index_select(0, order)
+        out = mlp(z, w13, w2, offsets) * a_P1.index_select(0, order)
         return torch.zeros_like(h).index_copy(0, order, out)
 
 

@@ -1,0 +1,550 @@
+"""Grouped GEMM over rows sorted by expert, driven by device-side offsets (Triton).
+
+One idea: expert e owns the dispatched rows [offsets[e], offsets[e+1]); the forward is
+Y[rows_e] = X[rows_e] @ W[e], the backward dX = dY @ W[e]^T and dW[e] = X[rows_e]^T @ dY[rows_e].
+MOC_MATH.md, "Experts" (the W13 / W2 GEMMs of every IRL step). Fused SwiGLU lives in
+kernels/expert_mlp.py but runs on the kernel below (EPILOGUE 1 and 2).
+
+Shape legend: P dispatched rows, T source rows (x before a gather), E experts, K in-dim,
+N out-dim. Dtypes: bf16 / fp16 / fp32 in, fp32 accumulation, output in the input dtype.
+
+Public API
+    grouped_gemm(x, w, offsets, gather_index=None, *, wgrad_acc=None, backend=None) -> y
+        x [T, K] (T = P without gather), w [E, K, N], offsets int64 [E+1] on x's device,
+        offsets[0] = 0, nondecreasing, offsets[E] <= P. Rows [offsets[E], P) of y are zeros.
+        gather_index int64 [P]: row p of the GEMM input is x[gather_index[p]], read by the
+        kernel itself (no permuted copy); every entry must be a valid row of x. Backward:
+        dx = zeros([T, K]).index_add_(0, gather_index, dY @ W^T): a source row used by
+        several dispatched rows (top-k) receives the sum of their gradients.
+    grouped_gemm_reference(...)   same signature, fp32 (fp64 for fp64 input) per-expert loop.
+    WeightGradAccumulator         S uses of the same weights -> one fp32 weight gradient:
+        acc = WeightGradAccumulator()
+        w13_t, w2_t = acc.track(w13, w2)        # identity in forward
+        for s in range(S): y = expert_swiglu_mlp(x_s, w13_t, w2_t, off_s, wgrad_acc=acc)
+        # backward: every step's wgrad kernel adds into one fp32 [E, K, N] buffer per weight
+        # (the first one writes it); the track node runs last and casts each sum once to the
+        # weight dtype, so w13.grad / w2.grad get exactly one bf16 rounding.
+    launch_gmm / launch_gmm_swiglu / launch_gmm_swiglu_bwd / launch_wgrad: the launchers,
+        for callers that manage autograd themselves; launch_wgrad(..., accumulate_into=buf)
+        adds into an fp32 [E, K, N] buffer.
+
+No host sync on the path: the grid is sized from P and E alone (cdiv(P, BLOCK_M) + E row
+tiles cover every expert's tiles plus the zero tail, since sum_g ceil(n_g/B) <=
+ceil(sum_g n_g/B) + groups - 1); each program finds its expert from offsets on the device and
+idle programs return at once.
+"""
+from __future__ import annotations
+
+import torch
+
+from kernels.gmm_backend import TorchPrimitives, _interpreting, resolve_backend
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:          # the CPU path runs without Triton (STYLE rule 13)
+    triton = None
+
+_IS_HIP = torch.version.hip is not None
+
+
+def _configs(shapes, extra=None):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages[, PRE_EARLY]) -> triton.Config list
+    for _gmm_kernel (PRE_EARLY: epilogue 2 loads the pre-activation before the K loop)."""
+    out = []
+    for bm, bn, bk, warps, stages, *early in shapes:
+        kw = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, PRE_EARLY=bool(early and
+                  early[0]), **(extra or {}))
+        out.append(triton.Config(kw, num_warps=warps, num_stages=stages))
+    return out
+
+
+def _wgrad_configs(shapes, extra=None):
+    """(out rows BLOCK_K, out cols BLOCK_N, reduction chunk BLOCK_M, warps, stages)."""
+    return [triton.Config(dict(BLOCK_K=bk, BLOCK_N=bn, BLOCK_M=bm, GROUP_M=8, **(extra or {})),
+                          num_warps=w, num_stages=st) for bk, bn, bm, w, st in shapes]
+
+
+if triton is not None:
+    if _interpreting():   # tiny tiles: the tests use odd sizes of a few dozen rows
+        _GMM_CFG = _SWIGLU_CFG = _configs([(16, 16, 16, 4, 1)])
+        _SWIGLU_BWD_CFG = _configs([(16, 16, 16, 4, 1, True)])
+        _WGRAD_CFG = _wgrad_configs([(16, 16, 16, 4, 1)])
+    elif _IS_HIP:         # MI300X: wave64, 2 stages, 16x16 MFMA; sane defaults, not tuned
+        _amd = dict(waves_per_eu=2, matrix_instr_nonkdim=16, kpack=2)
+        _GMM_CFG = _SWIGLU_BWD_CFG = _configs([(256, 256, 64, 8, 2), (128, 128, 64, 4, 2)],
+                                              _amd)
+        _SWIGLU_CFG = _configs([(256, 128, 64, 8, 2), (128, 64, 64, 4, 2)], _amd)
+        _WGRAD_CFG = _wgrad_configs([(256, 256, 64, 8, 2), (128, 128, 64, 4, 2)], _amd)
+    else:                 # Hopper (H100 / H200); see docs/kernels_notes.md for the sweep
+        _GMM_CFG = _configs([(128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (128, 128, 64, 4, 4),
+                             (128, 128, 64, 8, 4), (256, 128, 64, 8, 3)])
+        _SWIGLU_CFG = _configs([(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 64, 64, 4, 4),
+                                (64, 128, 64, 4, 4), (256, 64, 64, 8, 3)])
+        _SWIGLU_BWD_CFG = _configs([(128, 128, 64, 8, 3, True), (128, 128, 64, 8, 3),
+                                    (128, 128, 64, 8, 4, True), (128, 64, 64, 4, 4),
+                                    (64, 128, 64, 4, 4, True), (128, 256, 64, 8, 3)])
+        _WGRAD_CFG = _wgrad_configs([(128, 256, 64, 8, 3), (256, 128, 64, 8, 3),
+                                     (128, 128, 64, 8, 4), (128, 128, 64, 4, 4),
+                                     (128, 256, 32, 8, 4)])
+
+    @triton.jit
+    def _find_group(off_ptr, pid_m, P, E, BLOCK_M: tl.constexpr, E_POW2: tl.constexpr):
+        """Row tile pid_m -> (group g, first row, end row). Groups 0..E-1 are the experts,
+        group E is the zero tail [offsets[E], P); g > E means this tile slot is idle."""
+        idx = tl.arange(0, E_POW2)
+        starts = tl.load(off_ptr + idx, mask=idx <= E, other=P)
+        ends = tl.load(off_ptr + idx + 1, mask=idx < E, other=P)
+        tiles = ((ends - starts + BLOCK_M - 1) // BLOCK_M).to(tl.int32)
+        cum = tl.cumsum(tiles, 0)
+        g = tl.sum((cum <= pid_m).to(tl.int32), 0)
+        sel = idx == g
+        first_tile = tl.sum(tl.where(sel, cum - tiles, 0), 0)
+        row0 = tl.sum(tl.where(sel, starts, 0), 0) + (pid_m - first_tile) * BLOCK_M
+        return g, row0.to(tl.int64), tl.sum(tl.where(sel, ends, 0), 0).to(tl.int64)
+
+    @triton.jit
+    def _gmm_kernel(a_ptr, b_ptr, c_ptr, pre_ptr, off_ptr, gidx_ptr,
+                    P, N, K, E, stride_am, stride_be, stride_bk, stride_bn, stride_cm,
+                    stride_pm, P_BUCKET,
+                    EPILOGUE: tl.constexpr, HAS_GATHER: tl.constexpr, STORE_PRE: tl.constexpr,
+                    B_K_CONTIG: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
+                    E_POW2: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                    PRE_EARLY: tl.constexpr):
+        """C[rows_g] = A[rows_g] @ B[g]  (A: [P or T, K] unit stride in K; B: [E, K, N]).
+        EPILOGUE 0: plain. 1: SwiGLU forward, B has 2N columns (gate | up), C = silu(gate)*up
+        [P, N], and with STORE_PRE the pre-activation [P, 2N] goes to pre_ptr. 2: SwiGLU
+        backward, the product is dh [P, N]; reads pre [P, 2N], writes d(gate|up) [P, 2N]."""
+        pid = tl.program_id(0)
+        num_slots = tl.cdiv(P, BLOCK_M) + E
+        num_pid_n = tl.cdiv(N, BLOCK_N)
+        per_group = GROUP_M * num_pid_n            # L2 swizzle: GROUP_M row tiles share B
+        first_m = (pid // per_group) * GROUP_M
+        size_m = min(num_slots - first_m, GROUP_M)
+        pid_m = first_m + (pid % per_group) % size_m
+        pid_n = (pid % per_group) // size_m
+        g, row0, row_end = _find_group(off_ptr, pid_m, P, E, BLOCK_M, E_POW2)
+        if g > E:
+            return
+        rm = row0 + tl.arange(0, BLOCK_M)                   # int64 rows
+        rmask = rm < row_end
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        nmask = rn < N
+        rk = tl.arange(0, BLOCK_K)
+        if HAS_GATHER:
+            src = tl.load(gidx_ptr + rm, mask=rmask, other=0)
+        else:
+            src = tl.where(rmask, rm, row0)                 # clamp: no row mask in the loop
+        a_ptrs = a_ptr + src[:, None] * stride_am + rk[None, :]
+        b_base = b_ptr + g.to(tl.int64) * stride_be
+        if B_K_CONTIG:                                      # B = W^T (dgrad): unit stride in K
+            b_ptrs = b_base + rk[:, None] + rn[None, :] * stride_bn
+            b_step = BLOCK_K
+            up_shift = N * stride_bn
+        else:
+            b_ptrs = b_base + rk[:, None] * stride_bk + rn[None, :]
+            b_step = BLOCK_K * stride_bk
+            up_shift = N
+        cmask = rmask[:, None] & nmask[None, :]
+        if EPILOGUE == 2 and PRE_EARLY:    # issue the pre-activation loads before the loop
+            p_ptrs = pre_ptr + rm[:, None] * stride_pm + rn[None, :]
+            gate = tl.load(p_ptrs, mask=cmask, other=0.0)
+            up = tl.load(p_ptrs + N, mask=cmask, other=0.0)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        k_iters = tl.where(g < E, tl.cdiv(K, BLOCK_K), 0)   # the zero tail skips the loop
+        for k in range(0, k_iters):
+            if EVEN_K and EVEN_N:
+                a = tl.load(a_ptrs)
+                b = tl.load(b_ptrs)
+            else:
+                kmask = rk < K - k * BLOCK_K
+                a = tl.load(a_ptrs, mask=kmask[None, :], other=0.0)
+                b = tl.load(b_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=PREC)
+            if EPILOGUE == 1:
+                if EVEN_K and EVEN_N:
+                    bu = tl.load(b_ptrs + up_shift)
+                else:
+                    bu = tl.load(b_ptrs + up_shift, mask=kmask[:, None] & nmask[None, :],
+                                 other=0.0)
+                acc_up = tl.dot(a, bu, acc_up, input_precision=PREC)
+            a_ptrs += BLOCK_K
+            b_ptrs += b_step
+        c_ptrs = c_ptr + rm[:, None] * stride_cm + rn[None, :]
+        if EPILOGUE == 0:
+            tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=cmask)
+        elif EPILOGUE == 1:
+            if STORE_PRE:
+                p_ptrs = pre_ptr + rm[:, None] * stride_pm + rn[None, :]
+                tl.store(p_ptrs, acc.to(pre_ptr.dtype.element_ty), mask=cmask)
+                tl.store(p_ptrs + N, acc_up.to(pre_ptr.dtype.element_ty), mask=cmask)
+            h = acc * tl.sigmoid(acc) * acc_up
+            tl.store(c_ptrs, h.to(c_ptr.dtype.element_ty), mask=cmask)
+        else:
+            if not PRE_EARLY:
+                p_ptrs = pre_ptr + rm[:, None] * stride_pm + rn[None, :]
+                gate = tl.load(p_ptrs, mask=cmask, other=0.0)
+                up = tl.load(p_ptrs + N, mask=cmask, other=0.0)
+            gate = gate.to(tl.float32)
+            up = up.to(tl.float32)
+            sig = tl.sigmoid(gate)
+            d_up = acc * gate * sig
+            d_gate = acc * up * sig * (1.0 + gate * (1.0 - sig))
+            tl.store(c_ptrs, d_gate.to(c_ptr.dtype.element_ty), mask=cmask)
+            tl.store(c_ptrs + N, d_up.to(c_ptr.dtype.element_ty), mask=cmask)
+
+    @triton.jit
+    def _wgrad_kernel(a_ptr, b_ptr, c_ptr, off_ptr, gidx_ptr, K, N, stride_am, stride_bm,
+                      stride_ce, stride_ck, K_BUCKET,
+                      HAS_GATHER: tl.constexpr, ACCUMULATE: tl.constexpr, EVEN_K: tl.constexpr,
+                      EVEN_N: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+        """C[e] (+)= A[rows_e]^T @ B[rows_e]: A [P or T, K], B [P, N], C [E, K, N].
+        Program (k-tile, n-tile) of expert program_id(1); the reduction runs over the expert's
+        rows, BLOCK_M at a time, unmasked except the last partial chunk."""
+        pid = tl.program_id(0)
+        e = tl.program_id(1)
+        num_pid_k = tl.cdiv(K, BLOCK_K)
+        num_pid_n = tl.cdiv(N, BLOCK_N)
+        per_group = GROUP_M * num_pid_n
+        first_k = (pid // per_group) * GROUP_M
+        size_k = min(num_pid_k - first_k, GROUP_M)
+        pid_k = first_k + (pid % per_group) % size_k
+        pid_n = (pid % per_group) // size_k
+        start = tl.load(off_ptr + e)
+        end = tl.load(off_ptr + e + 1)
+        rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        kmask = rk < K
+        nmask = rn < N
+        rk_l = rk                                           # clamp instead of masking loads
+        if not EVEN_K:
+            rk_l = tl.where(kmask, rk, 0)
+        rn_l = rn
+        if not EVEN_N:
+            rn_l = tl.where(nmask, rn, 0)
+        rr = tl.arange(0, BLOCK_M)
+        acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+        n_full = (end - start) // BLOCK_M
+        rows = start + rr                                   # int64
+        b_ptrs = b_ptr + rows[:, None] * stride_bm + rn_l[None, :]
+        a_ptrs = a_ptr + rows[:, None] * stride_am + rk_l[None, :]
+        for i in range(0, n_full):
+            if HAS_GATHER:                                  # row addresses from the index
+                src = tl.load(gidx_ptr + start + i * BLOCK_M + rr)
+                a = tl.load(a_ptr + src[:, None] * stride_am + rk_l[None, :])
+            else:
+                a = tl.load(a_ptrs)
+                a_ptrs += BLOCK_M * stride_am
+            b = tl.load(b_ptrs)
+            b_ptrs += BLOCK_M * stride_bm
+            acc = tl.dot(tl.trans(a), b, acc, input_precision=PREC)
+        rows = start + n_full * BLOCK_M + rr                # the partial last chunk
+        rmask = rows < end
+        if HAS_GATHER:
+            src = tl.load(gidx_ptr + rows, mask=rmask, other=0)
+        else:
+            src = tl.where(rmask, rows, 0)
+        a = tl.load(a_ptr + src[:, None] * stride_am + rk_l[None, :], mask=rmask[:, None],
+                    other=0.0)
+        b = tl.load(b_ptr + tl.where(rmask, rows, 0)[:, None] * stride_bm + rn_l[None, :],
+                    mask=rmask[:, None], other=0.0)
+        acc = tl.dot(tl.trans(a), b, acc, input_precision=PREC)
+        c_ptrs = c_ptr + e.to(tl.int64) * stride_ce + rk[:, None] * stride_ck + rn[None, :]
+        cmask = kmask[:, None] & nmask[None, :]
+        if ACCUMULATE:
+            acc += tl.load(c_ptrs, mask=cmask, other=0.0)
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=cmask)
+
+    def _even(dim, block):
+        return lambda args: args[dim] % args[block] == 0
+
+    _heur = {"EVEN_K": _even("K", "BLOCK_K"), "EVEN_N": _even("N", "BLOCK_N")}
+    _gmm_plain = triton.autotune(_GMM_CFG, key=["N", "K", "P_BUCKET", "EPILOGUE",
+                                                "B_K_CONTIG", "HAS_GATHER"])(
+        triton.heuristics(_heur)(_gmm_kernel))
+    _gmm_swiglu = triton.autotune(_SWIGLU_CFG, key=["N", "K", "P_BUCKET", "EPILOGUE",
+                                                    "B_K_CONTIG", "HAS_GATHER"])(
+        triton.heuristics(_heur)(_gmm_kernel))
+    _gmm_swiglu_bwd = triton.autotune(_SWIGLU_BWD_CFG, key=["N", "K", "P_BUCKET"])(
+        triton.heuristics(_heur)(_gmm_kernel))
+    _wgrad_tuned = triton.autotune(_WGRAD_CFG, key=["N", "K", "K_BUCKET", "HAS_GATHER",
+                                                    "ACCUMULATE"],
+                                   restore_value=["c_ptr"])(   # tuning runs must not add twice
+        triton.heuristics(_heur)(_wgrad_kernel))
+
+
+# ---------------------------------------------------------------------------------------
+# launchers: validate, allocate, launch (no host sync)
+# ---------------------------------------------------------------------------------------
+
+def _prec(dtype):
+    if dtype != torch.float32:
+        return "ieee"   # ignored for 16-bit inputs
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 and not _interpreting() else "ieee"
+
+
+def _check(a, w, offsets, gather_index, k_dim):
+    if a.dim() != 2 or w.dim() != 3:
+        raise ValueError(f"expected a [T, K] and w [E, ., .], got {tuple(a.shape)}, "
+                         f"{tuple(w.shape)}")
+    if a.dtype != w.dtype or a.device != w.device:
+        raise ValueError(f"a and w must share dtype and device, got {a.dtype}/{a.device} "
+                         f"and {w.dtype}/{w.device}")
+    if a.shape[1] != k_dim:
+        raise ValueError(f"in-dim mismatch: a has {a.shape[1]} columns, weight needs {k_dim}")
+    if offsets.dtype != torch.int64 or offsets.shape != (w.shape[0] + 1,):
+        raise ValueError(f"offsets must be int64 [E+1] = [{w.shape[0] + 1}], got "
+                         f"{offsets.dtype} {tuple(offsets.shape)}")
+    if offsets.device != a.device:
+        raise ValueError("offsets must live on the device of x (no host copies)")
+    if gather_index is not None and (gather_index.dtype != torch.int64
+                                     or gather_index.dim() != 1):
+        raise ValueError("gather_index must be an int64 [P] tensor")
+    if w.shape[1] * w.shape[2] >= 2 ** 31:
+        raise ValueError("one expert's weight must hold fewer than 2^31 elements")
+
+
+def _rows(a, gather_index):
+    return a.shape[0] if gather_index is None else gather_index.shape[0]
+
+
+def _p_bucket(p):
+    return triton.next_power_of_2(max(p, 1))
+
+
+def _launch(kernel, a, w, c, pre, offsets, gather_index, n, k, epilogue, store_pre, trans_w,
+            config):
+    p, e = c.shape[0], w.shape[0]
+    stride_bk, stride_bn = (w.stride(2), w.stride(1)) if trans_w else (w.stride(1), w.stride(2))
+    if config is not None:      # a fixed config (benchmark sweeps): bypass the autotuner
+        kernel = triton.heuristics(_heur)(_gmm_kernel)
+    grid = lambda meta: ((triton.cdiv(p, meta["BLOCK_M"]) + e) * triton.cdiv(n, meta["BLOCK_N"]),)
+    kernel[grid](a, w, c, c if pre is None else pre, offsets,
+                 offsets if gather_index is None else gather_index,
+                 p, n, k, e, a.stride(0), w.stride(0), stride_bk, stride_bn, c.stride(0),
+                 0 if pre is None else pre.stride(0), _p_bucket(p),
+                 EPILOGUE=epilogue, HAS_GATHER=gather_index is not None, STORE_PRE=store_pre,
+                 B_K_CONTIG=trans_w, E_POW2=triton.next_power_of_2(e + 1),
+                 PREC=_prec(a.dtype), **(config or {}))
+    return c
+
+
+def _unit_k(a):
+    return a if a.stride(1) == 1 else a.contiguous()
+
+
+def launch_gmm(a, w, offsets, gather_index=None, trans_w=False, out=None, config=None):
+    """y [P, N] = A[rows_e] @ W[e] (W[e]^T when trans_w), A = a[gather_index] if given.
+    w [E, K, N] (or [E, N, K] with trans_w), any strides; out: optional [P, N] buffer."""
+    k, n = (w.shape[2], w.shape[1]) if trans_w else (w.shape[1], w.shape[2])
+    _check(a, w, offsets, gather_index, k)
+    a = _unit_k(a)
+    w = w if w.stride(2) == 1 else w.contiguous()   # unit stride in N, or in K with trans_w
+    p = _rows(a, gather_index)
+    c = torch.empty(p, n, dtype=a.dtype, device=a.device) if out is None else out
+    return _launch(_gmm_plain, a, w, c, None, offsets, gather_index, n, k, 0, False, trans_w,
+                   config)
+
+
+def launch_gmm_swiglu(a, w13, offsets, gather_index=None, store_pre=True, config=None):
+    """h [P, F] = silu(A @ W13[e][:, :F]) * (A @ W13[e][:, F:]), and the pre-activation
+    [P, 2F] (gate | up) when store_pre, else None."""
+    _check(a, w13, offsets, gather_index, w13.shape[1])
+    if w13.shape[2] % 2:
+        raise ValueError(f"w13 needs an even number of columns (gate | up), got {w13.shape[2]}")
+    a, w13 = _unit_k(a), (w13 if w13.stride(2) == 1 else w13.contiguous())
+    p, f = _rows(a, gather_index), w13.shape[2] // 2
+    h = torch.empty(p, f, dtype=a.dtype, device=a.device)
+    pre = torch.empty(p, 2 * f, dtype=a.dtype, device=a.device) if store_pre else None
+    _launch(_gmm_swiglu, a, w13, h, pre, offsets, gather_index, f, w13.shape[1], 1, store_pre,
+            False, config)
+    return h, pre
+
+
+def launch_gmm_swiglu_bwd(dy, w2, offsets, pre, config=None):
+    """d(gate | up) [P, 2F] from dy [P, D], w2 [E, F, D] and the saved pre-activation
+    [P, 2F]: dh = dY[rows_e] @ W2[e]^T, then the SwiGLU backward in the epilogue."""
+    _check(dy, w2, offsets, None, w2.shape[2])
+    if pre.shape != (dy.shape[0], 2 * w2.shape[1]) or pre.stride(1) != 1:
+        raise ValueError(f"pre must be a row-major [P, 2F] tensor, got {tuple(pre.shape)}")
+    dy, w2 = _unit_k(dy), (w2 if w2.stride(2) == 1 else w2.contiguous())
+    dgu = torch.empty_like(pre)
+    # the kernel writes columns [0, F) and [F, 2F) of dgu: N = F, output row stride 2F
+    return _launch(_gmm_swiglu_bwd, dy, w2, dgu, pre, offsets, None, w2.shape[1],
+                   w2.shape[2], 2, False, True, config)
+
+
+def launch_wgrad(a, dy, offsets, gather_index=None, accumulate_into=None, out_dtype=None,
+                 num_experts=None, config=None):
+    """dW [E, K, N] with dW[e] = A[rows_e]^T @ dY[rows_e] (fp32 accumulation); experts with
+    no rows get zeros. accumulate_into: fp32 [E, K, N] to add into (returned)."""
+    e = offsets.shape[0] - 1 if num_experts is None else num_experts
+    k, n = a.shape[1], dy.shape[1]
+    if accumulate_into is not None and (accumulate_into.dtype != torch.float32
+                                        or accumulate_into.shape != (e, k, n)):
+        raise ValueError(f"accumulate_into must be fp32 [{e}, {k}, {n}], got "
+                         f"{accumulate_into.dtype} {tuple(accumulate_into.shape)}")
+    if dy.dim() != 2 or dy.shape[0] != _rows(a, gather_index) or dy.dtype != a.dtype:
+        raise ValueError(f"dy must be [P, N] in {a.dtype}, got {dy.dtype} {tuple(dy.shape)}")
+    _check(a, dy.new_empty(e, k, 0), offsets, gather_index, k)
+    a, dy = _unit_k(a), _unit_k(dy)
+    c = accumulate_into
+    if c is None:
+        c = torch.empty(e, k, n, dtype=out_dtype or a.dtype, device=a.device)
+    elif c.stride(2) != 1:
+        raise ValueError("accumulate_into must be contiguous in its last dim")
+    kernel = _wgrad_tuned if config is None else triton.heuristics(_heur)(_wgrad_kernel)
+    grid = lambda meta: (triton.cdiv(k, meta["BLOCK_K"]) * triton.cdiv(n, meta["BLOCK_N"]), e)
+    kernel[grid](a, dy, c, offsets, offsets if gather_index is None else gather_index,
+                 k, n, a.stride(0), dy.stride(0), c.stride(0), c.stride(1),
+                 _p_bucket(dy.shape[0] // max(e, 1)),
+                 HAS_GATHER=gather_index is not None, ACCUMULATE=accumulate_into is not None,
+                 PREC=_prec(a.dtype), **(config or {}))
+    return c
+
+
+class TritonPrimitives:
+    """The four primitives on the Triton kernels (same contracts as TorchPrimitives)."""
+    gmm = staticmethod(launch_gmm)
+    gmm_swiglu = staticmethod(launch_gmm_swiglu)
+    gmm_swiglu_bwd = staticmethod(launch_gmm_swiglu_bwd)
+
+    @staticmethod
+    def wgrad(a, dy, offsets, gather_index=None, accumulate_into=None, out_dtype=None):
+        return launch_wgrad(a, dy, offsets, gather_index, accumulate_into, out_dtype)
+
+
+def primitives(backend: str | None, x: torch.Tensor):
+    name = resolve_backend(backend, x)
+    if name == "triton":
+        return TritonPrimitives
+    return TorchPrimitives(use_grouped_mm=name == "grouped_mm")
+
+
+# ---------------------------------------------------------------------------------------
+# fp32 weight-gradient accumulation over the S reuses of one weight
+# ---------------------------------------------------------------------------------------
+
+class _Track(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, acc, *weights):
+        ctx.acc = acc
+        ctx.set_materialize_grads(False)   # the ops return None for tracked weights
+        return tuple(w.view_as(w) for w in weights)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return (None, *ctx.acc._finish(grads))
+
+
+class WeightGradAccumulator:
+    """Collects the weight gradients of several uses of the same weights in fp32.
+
+    `track(*weights)` returns identity views to use in the ops (pass `wgrad_acc=self`). Each
+    op's backward sends its dW into one fp32 [E, K, N] buffer per weight (the first backward
+    writes it, the later ones accumulate in the wgrad kernel); the track node runs after all
+    of them (autograd orders it last) and returns each sum cast once to the weight's dtype.
+    Gradients that reach the views by other paths are added before the cast. Make one per
+    forward pass: it keeps its buffers only until that backward ends."""
+
+    def __init__(self):
+        self._slots: dict[int, int] = {}
+        self._views: list[torch.Tensor] = []
+        self._bufs: list[torch.Tensor | None] = []
+
+    def track(self, *weights: torch.Tensor):
+        views = _Track.apply(self, *weights)
+        for v in views:
+            self._slots[id(v)] = len(self._views)
+            self._views.append(v)           # keeps the id valid while we live
+            self._bufs.append(None)
+        return views
+
+    def slot(self, w: torch.Tensor) -> int:
+        if id(w) not in self._slots:
+            raise ValueError("wgrad_acc was given a weight it does not track: pass the views "
+                             "returned by WeightGradAccumulator.track()")
+        return self._slots[id(w)]
+
+    def add(self, slot: int, wgrad_fn):
+        """wgrad_fn(accumulate_into) -> fp32 [E, K, N]; None on the first call."""
+        self._bufs[slot] = wgrad_fn(self._bufs[slot])
+
+    def _finish(self, grads):
+        out = []
+        for buf, g, v in zip(self._bufs, grads, self._views):
+            if buf is None:
+                out.append(g)
+            else:
+                out.append((buf if g is None else buf.add_(g)).to(v.dtype))
+        self._bufs = [None] * len(self._bufs)
+        return out
+
+
+# ---------------------------------------------------------------------------------------
+# autograd op and its reference twin
+# ---------------------------------------------------------------------------------------
+
+def scatter_rows(dxp, gather_index, num_rows):
+    """Backward of a prologue gather: dx[t] = sum of dxp[p] over p with gather_index[p] = t."""
+    if gather_index is None:
+        return dxp
+    out = dxp.new_zeros(num_rows, dxp.shape[1])
+    return out.index_add_(0, gather_index, dxp)
+
+
+def wgrad_into(prims, acc, slot, a, dy, offsets, gather_index, dtype):
+    """dW for one weight: returned, or (with an accumulator) added in fp32 and None returned."""
+    if acc is None:
+        return prims.wgrad(a, dy, offsets, gather_index, out_dtype=dtype)
+    acc.add(slot, lambda buf: prims.wgrad(a, dy, offsets, gather_index, accumulate_into=buf,
+                                          out_dtype=torch.float32))
+    return None
+
+
+class _GroupedGemm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w, offsets, gather_index, acc, slot, prims):
+        ctx.save_for_backward(x, w, offsets, gather_index)
+        ctx.acc, ctx.slot, ctx.prims = acc, slot, prims
+        return prims.gmm(x, w, offsets, gather_index)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w, offsets, gather_index = ctx.saved_tensors
+        dy = dy.contiguous()     # grouped_mm's backward fails on stride-0 grads; we copy once
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            dxp = ctx.prims.gmm(dy, w, offsets, trans_w=True)
+            dx = scatter_rows(dxp, gather_index, x.shape[0])
+        if ctx.needs_input_grad[1]:
+            dw = wgrad_into(ctx.prims, ctx.acc, ctx.slot, x, dy, offsets, gather_index, w.dtype)
+        return dx, dw, None, None, None, None, None
+
+
+def grouped_gemm(x, w, offsets, gather_index=None, *, wgrad_acc=None, backend=None):
+    """Y [P, N] = X[rows_e] @ W[e] per expert (see the module docstring for the contract).
+
+    Args: x [T, K]; w [E, K, N]; offsets int64 [E+1] (device); gather_index int64 [P] or None;
+        wgrad_acc: a WeightGradAccumulator tracking `w` (fp32 gradient over reuses);
+        backend: None/"auto", "triton", "grouped_mm" or "loop".
+    Returns: y [P, N] in x.dtype, zeros in rows [offsets[E], P)."""
+    slot = None if wgrad_acc is None else wgrad_acc.slot(w)
+    return _GroupedGemm.apply(x, w, offsets, gather_index, wgrad_acc, slot,
+                              primitives(backend, x))
+
+
+def grouped_gemm_reference(x, w, offsets, gather_index=None, *, wgrad_acc=None, backend=None):
+    """Plain-torch twin: per-expert loop in fp32 (fp64 for fp64 input); differentiable by
+    autograd. wgrad_acc and backend are accepted and ignored (the reference has one path)."""
+    ct = torch.float64 if x.dtype == torch.float64 else torch.float32
+    rows = x if gather_index is None else x[gather_index]
+    bounds = offsets.tolist()   # host sync: reference only
+    out = [rows.new_zeros(0, w.shape[2], dtype=ct)]
+    for e in range(w.shape[0]):
+        out.append(rows[bounds[e]:bounds[e + 1]].to(ct) @ w[e].to(ct))
+    out.append(rows.new_zeros(rows.shape[0] - bounds[-1], w.shape[2], dtype=ct))
+    return torch.cat(out).to(x.dtype)

@@ -1,0 +1,124 @@
+"""grouped_swiglu and expert_swiglu_mlp (fused SwiGLU epilogues) against a float64 reference:
+output and every gradient, gather on/off, empty experts, a zero tail, fp32 accumulation over
+S steps; plus a bf16 check on the GPU."""
+import pytest
+import torch
+
+from kernels.expert_mlp import (expert_swiglu_mlp, expert_swiglu_mlp_reference, grouped_swiglu,
+                                grouped_swiglu_reference)
+from kernels.grouped_gemm import WeightGradAccumulator
+
+# (E, D, F, rows per expert, zero-tail rows)
+CASES = [
+    (4, 40, 12, [10, 0, 33, 20], 0),
+    (3, 17, 9, [0, 45, 0], 0),
+    (5, 32, 24, [7, 0, 0, 16, 1], 11),
+]
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def make(e, d, f, counts, tail, gather, device, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    p = sum(counts) + tail
+    offsets = torch.zeros(e + 1, dtype=torch.int64)
+    offsets[1:] = torch.tensor(counts).cumsum(0)
+    t = p + 3 if gather else p
+    gidx = torch.randint(0, t, (p,), generator=g).to(device) if gather else None
+    x = torch.randn(t, d, generator=g)
+    w13 = torch.randn(e, d, 2 * f, generator=g) / d ** 0.5
+    w2 = torch.randn(e, f, d, generator=g) / f ** 0.5
+    dy = torch.randn(p, d, generator=g)
+    return [v.to(device, dtype) for v in (x, w13, w2, dy)] + [offsets.to(device), gidx]
+
+
+def grads(fn, tensors, *args, **kw):
+    leaves = [t.detach().requires_grad_() for t in tensors]
+    out = fn(*leaves, *args, **kw)
+    return out, leaves
+
+
+@pytest.mark.parametrize("gather", [False, True])
+@pytest.mark.parametrize("case", CASES)
+def test_expert_mlp_matches_reference(case, gather, device, poison):
+    x, w13, w2, dy, offsets, gidx = make(*case, gather, device)
+    y, leaves = grads(expert_swiglu_mlp, (x, w13, w2), offsets, gidx, backend="triton")
+    y.backward(dy)
+    y_r, leaves_r = grads(expert_swiglu_mlp_reference, (x.double(), w13.double(),
+                                                         w2.double()), offsets, gidx)
+    y_r.backward(dy.double())
+    assert rel(y, y_r) < 1e-5
+    assert (y[offsets[-1].item():] == 0).all()
+    for a, b in zip(leaves, leaves_r):
+        assert not a.grad.isnan().any()
+        assert rel(a.grad, b.grad) < 1e-5
+
+
+@pytest.mark.parametrize("gather", [False, True])
+@pytest.mark.parametrize("case", CASES)
+def test_grouped_swiglu_matches_reference(case, gather, device, poison):
+    x, w13, _, _, offsets, gidx = make(*case, gather, device)
+    p = gidx.shape[0] if gather else x.shape[0]
+    dh = torch.randn(p, w13.shape[2] // 2, device=device)
+    h, (xl, wl) = grads(grouped_swiglu, (x, w13), offsets, gidx, backend="triton")
+    h.backward(dh)
+    h_r, (xr, wr) = grads(grouped_swiglu_reference, (x.double(), w13.double()), offsets, gidx)
+    h_r.backward(dh.double())
+    assert rel(h, h_r) < 1e-5 and rel(xl.grad, xr.grad) < 1e-5 and rel(wl.grad, wr.grad) < 1e-5
+
+
+@pytest.mark.parametrize("backend", ["triton", "grouped_mm"])
+def test_mlp_fp32_accumulation_over_steps(backend, device):
+    """S = 2 IRL-like steps on shared weights, the second on a compacted half of the rows
+    (hard mode), through one WeightGradAccumulator."""
+    dev = device if backend == "triton" else "cpu"
+    x, w13, w2, dy, offsets, _ = make(4, 32, 16, [10, 0, 12, 10], 0, False, dev)
+    keep = torch.arange(0, 32, 2, device=dev)        # rows still active after step 1
+    off2 = torch.tensor([0, 5, 5, 11, 16], device=dev)
+    w13 = w13.requires_grad_()
+    w2 = w2.requires_grad_()
+    acc = WeightGradAccumulator()
+    w13_t, w2_t = acc.track(w13, w2)
+    h1 = expert_swiglu_mlp(x, w13_t, w2_t, offsets, wgrad_acc=acc, backend=backend)
+    h2 = expert_swiglu_mlp(h1, w13_t, w2_t, off2, keep, wgrad_acc=acc, backend=backend)
+    ((h1 * dy).sum() + (h2 * dy[:16]).sum()).backward()
+    w13_r = w13.detach().double().requires_grad_()
+    w2_r = w2.detach().double().requires_grad_()
+    h1_r = expert_swiglu_mlp_reference(x.double(), w13_r, w2_r, offsets)
+    h2_r = expert_swiglu_mlp_reference(h1_r, w13_r, w2_r, off2, keep)
+    ((h1_r * dy.double()).sum() + (h2_r * dy[:16].double()).sum()).backward()
+    assert w13.grad.dtype == torch.float32
+    assert rel(w13.grad, w13_r.grad) < 1e-5 and rel(w2.grad, w2_r.grad) < 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("gather", [False, True])
+def test_bf16_on_gpu(gather):
+    counts = [900, 0, 2100, 37, 501, 700, 1, 400]          # skewed, an empty expert
+    x, w13, w2, dy, offsets, gidx = make(8, 256, 384, counts, 7, gather, "cuda",
+                                         dtype=torch.bfloat16)
+    y, leaves = grads(expert_swiglu_mlp, (x, w13, w2), offsets, gidx)
+    y.backward(dy)
+    y_r, leaves_r = grads(expert_swiglu_mlp_reference, (x.float(), w13.float(), w2.float()),
+                          offsets, gidx)
+    y_r.backward(dy.float())
+    assert rel(y, y_r) < 1e-2
+    for a, b in zip(leaves, leaves_r):
+        assert rel(a.grad, b.grad) < 1e-2
+
+
+@pytest.mark.parametrize("early", [False, True])
+def test_swiglu_bwd_epilogue_both_load_orders(early, device, poison):
+    """Epilogue 2 loads the pre-activation before or after the K loop (an autotune choice)."""
+    from kernels.gmm_backend import swiglu_bwd_math
+    from kernels.grouped_gemm import grouped_gemm_reference, launch_gmm_swiglu_bwd
+    x, w13, w2, dy, offsets, _ = make(*CASES[2], False, device)
+    pre = torch.randn(dy.shape[0], w13.shape[2], device=device)
+    cfg = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2, PRE_EARLY=early, num_warps=4,
+               num_stages=2)
+    dgu = launch_gmm_swiglu_bwd(dy, w2, offsets, pre, config=cfg)
+    dh = grouped_gemm_reference(dy.double(), w2.double().transpose(1, 2), offsets)
+    assert rel(dgu, swiglu_bwd_math(pre.double(), dh)) < 1e-5

@@ -1,0 +1,329 @@
+"""Benchmark of the expert SwiGLU MLP and its grouped GEMMs (kernels/), on one GPU.
+
+    python tools/bench_grouped_gemm.py                 # everything, bf16, 32768 rows
+    python tools/bench_grouped_gemm.py --quick         # one shape, fewer repeats
+    OUT=/some/dir python tools/bench_grouped_gemm.py   # also writes $OUT/bench_grouped_gemm.json
+
+Parts: (1) bf16 correctness of expert_swiglu_mlp against the fp32 reference; (2) TFLOP/s of the
+expert MLP, forward and forward+backward, for our Triton op (fused and unfused SwiGLU), a
+per-expert loop, F.grouped_mm and one dense MLP of equal FLOPs, balanced and Zipf routing;
+(3) per-GEMM forward / dgrad / wgrad against dense cuBLAS (mm and bmm of the same shape) and
+F.grouped_mm; (4) hard IRL mode: S = 2 where half the rows stop after step 1, against soft
+mode. Times are triton.testing.do_bench medians on random data, inputs rotated.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from kernels import grouped_gemm as gg                                         # noqa: E402
+from kernels.expert_mlp import expert_swiglu_mlp, expert_swiglu_mlp_reference  # noqa: E402
+
+SHAPES = [(8, 768, 2048), (8, 2048, 5632), (16, 2048, 2816), (64, 2048, 1408)]
+GEMM_SHAPES = [(8, 2048, 5632), (8, 768, 2048)]
+ROT = 3   # input sets to rotate through
+DEV = "cuda"   # --smoke: "cpu" (with TRITON_INTERPRET=1), to check the script, not to time
+
+
+def bench(fn, grad_to_none=None, rep=100):
+    if DEV == "cpu":
+        import time
+        t = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t) * 1e3
+    from triton.testing import do_bench
+    return do_bench(fn, warmup=25, rep=rep, grad_to_none=grad_to_none, return_mode="median")
+
+
+def routing(p, e, kind, seed=0):
+    """offsets int64 [E+1] (cuda) and host counts: balanced, or Zipf(1) over a shuffled
+    expert order."""
+    g = torch.Generator().manual_seed(seed)
+    if kind == "balanced":
+        counts = torch.full((e,), p // e, dtype=torch.int64)
+        counts[: p - int(counts.sum())] += 1
+    else:
+        prob = 1.0 / torch.arange(1, e + 1, dtype=torch.float64)
+        prob = prob[torch.randperm(e, generator=g)]
+        ids = torch.multinomial(prob, p, replacement=True, generator=g)
+        counts = torch.bincount(ids, minlength=e)
+    offsets = torch.zeros(e + 1, dtype=torch.int64)
+    offsets[1:] = counts.cumsum(0)
+    return offsets.to(DEV), counts.tolist()
+
+
+class Rot:
+    """Cycles through ROT input sets so repeated calls do not hit a warm L2."""
+
+    def __init__(self, sets):
+        self.sets, self.i = sets, 0
+
+    def next(self):
+        self.i = (self.i + 1) % len(self.sets)
+        return self.sets[self.i]
+
+
+def mlp_fns(e, d, f, p, offsets, counts, dtype=torch.bfloat16):
+    """name -> (forward fn(x) -> y, weights). Each fn is the expert MLP for one method."""
+    w13 = (torch.randn(e, d, 2 * f, device=DEV) / d ** 0.5).to(dtype).requires_grad_()
+    w2 = (torch.randn(e, f, d, device=DEV) / f ** 0.5).to(dtype).requires_grad_()
+    offs32 = offsets[1:].to(torch.int32)
+    bounds = [0] + torch.tensor(counts).cumsum(0).tolist()
+    w13_d = (torch.randn(d, 2 * f, device=DEV) / d ** 0.5).to(dtype).requires_grad_()
+    w2_d = (torch.randn(f, d, device=DEV) / f ** 0.5).to(dtype).requires_grad_()
+
+    def swiglu(gu):
+        return F.silu(gu[:, :f]) * gu[:, f:]
+
+    def unfused(x):
+        h = swiglu(gg.grouped_gemm(x, w13, offsets, backend="triton"))
+        return gg.grouped_gemm(h, w2, offsets, backend="triton")
+
+    def loop(x):
+        return torch.cat([swiglu(x[lo:hi] @ w13[i]) @ w2[i]
+                          for i, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:]))])
+
+    return {
+        "triton": (lambda x: expert_swiglu_mlp(x, w13, w2, offsets, backend="triton"),
+                   [w13, w2]),
+        "triton_unfused": (unfused, [w13, w2]),
+        "grouped_mm": (lambda x: F.grouped_mm(swiglu(F.grouped_mm(x, w13, offs=offs32)), w2,
+                                              offs=offs32), [w13, w2]),
+        "loop": (loop, [w13, w2]),
+        "dense": (lambda x: swiglu(x @ w13_d) @ w2_d, [w13_d, w2_d]),
+    }
+
+
+def bench_mlp(shape, kind, p, rep):
+    e, d, f = shape
+    offsets, counts = routing(p, e, kind)
+    xs = [torch.randn(p, d, device=DEV, dtype=torch.bfloat16).requires_grad_()
+          for _ in range(ROT)]
+    dys = [torch.randn(p, d, device=DEV, dtype=torch.bfloat16) for _ in range(ROT)]
+    rot = Rot(list(zip(xs, dys)))
+    flops = 6.0 * p * d * f
+    out = []
+    for name, (fn, ws) in mlp_fns(e, d, f, p, offsets, counts).items():
+        def fwd():
+            fn(rot.next()[0])
+
+        def fwd_bwd():
+            x, dy = rot.next()
+            fn(x).backward(dy)
+
+        t_f = bench(fwd, rep=rep)
+        t_fb = bench(fwd_bwd, grad_to_none=xs + ws, rep=rep)
+        out.append(dict(part="mlp", E=e, d=d, f=f, routing=kind, method=name,
+                        fwd_ms=t_f, fwd_tflops=flops / t_f * 1e-9,
+                        fwdbwd_ms=t_fb, fwdbwd_tflops=3 * flops / t_fb * 1e-9))
+        print(f"  mlp {shape} {kind:8s} {name:15s} fwd {out[-1]['fwd_tflops']:6.1f}  "
+              f"fwd+bwd {out[-1]['fwdbwd_tflops']:6.1f} TFLOP/s", flush=True)
+    return out
+
+
+def bench_gemms(shape, p, rep):
+    """Per GEMM of the MLP, balanced routing: ours vs grouped_mm vs cuBLAS mm and bmm."""
+    e, d, f = shape
+    offsets, _ = routing(p, e, "balanced")
+    offs32 = offsets[1:].to(torch.int32)
+    bf = dict(device=DEV, dtype=torch.bfloat16)
+    w13 = torch.randn(e, d, 2 * f, **bf)
+    w2 = torch.randn(e, f, d, **bf)
+    x, dgu, h, dy = [[torch.randn(p, n, **bf) for _ in range(ROT)] for n in (d, 2 * f, f, d)]
+    pre = [torch.randn(p, 2 * f, **bf) for _ in range(ROT)]
+    pe = p // e
+    r = Rot(list(range(ROT)))
+    # name -> (flop count, {method: fn})
+    gemms = {
+        "w13_fwd": (2.0 * p * d * 2 * f, {
+            "triton": lambda i: gg.launch_gmm(x[i], w13, offsets),
+            "triton_swiglu": lambda i: gg.launch_gmm_swiglu(x[i], w13, offsets),
+            "grouped_mm": lambda i: F.grouped_mm(x[i], w13, offs=offs32),
+            "mm": lambda i: x[i] @ w13[0],
+            "bmm": lambda i: torch.bmm(x[i].view(e, pe, d), w13)}),
+        "w13_dgrad": (2.0 * p * d * 2 * f, {
+            "triton": lambda i: gg.launch_gmm(dgu[i], w13, offsets, trans_w=True),
+            "grouped_mm": lambda i: F.grouped_mm(dgu[i], w13.transpose(1, 2), offs=offs32),
+            "mm": lambda i: dgu[i] @ w13[0].t(),
+            "bmm": lambda i: torch.bmm(dgu[i].view(e, pe, 2 * f), w13.transpose(1, 2))}),
+        "w13_wgrad": (2.0 * p * d * 2 * f, {
+            "triton": lambda i: gg.launch_wgrad(x[i], dgu[i], offsets),
+            "grouped_mm": lambda i: F.grouped_mm(x[i].t(), dgu[i], offs=offs32),
+            "mm": lambda i: x[i].t() @ dgu[i],
+            "bmm": lambda i: torch.bmm(x[i].view(e, pe, d).transpose(1, 2),
+                                       dgu[i].view(e, pe, 2 * f))}),
+        "w2_fwd": (2.0 * p * f * d, {
+            "triton": lambda i: gg.launch_gmm(h[i], w2, offsets),
+            "grouped_mm": lambda i: F.grouped_mm(h[i], w2, offs=offs32),
+            "mm": lambda i: h[i] @ w2[0],
+            "bmm": lambda i: torch.bmm(h[i].view(e, pe, f), w2)}),
+        "w2_dgrad": (2.0 * p * f * d, {
+            "triton": lambda i: gg.launch_gmm(dy[i], w2, offsets, trans_w=True),
+            "triton_swiglu": lambda i: gg.launch_gmm_swiglu_bwd(dy[i], w2, offsets, pre[i]),
+            "grouped_mm": lambda i: F.grouped_mm(dy[i], w2.transpose(1, 2), offs=offs32),
+            "mm": lambda i: dy[i] @ w2[0].t(),
+            "bmm": lambda i: torch.bmm(dy[i].view(e, pe, d), w2.transpose(1, 2))}),
+        "w2_wgrad": (2.0 * p * f * d, {
+            "triton": lambda i: gg.launch_wgrad(h[i], dy[i], offsets),
+            "grouped_mm": lambda i: F.grouped_mm(h[i].t(), dy[i], offs=offs32),
+            "mm": lambda i: h[i].t() @ dy[i],
+            "bmm": lambda i: torch.bmm(h[i].view(e, pe, f).transpose(1, 2),
+                                       dy[i].view(e, pe, d))}),
+    }
+    out = []
+    for name, (flops, fns) in gemms.items():
+        row = dict(part="gemm", E=e, d=d, f=f, gemm=name)
+        for method, fn in fns.items():
+            t = bench(lambda: fn(r.next()), rep=rep)
+            row[method] = flops / t * 1e-9
+        out.append(row)
+        print(f"  gemm {shape} {name:10s} " + "  ".join(
+            f"{k} {v:6.1f}" for k, v in row.items() if isinstance(v, float)), flush=True)
+    return out
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def check_bf16(shape=(8, 768, 2048), p=32768):
+    """bf16 Triton op vs the fp32 reference, skewed routing, with a gather: output, dx, dw13,
+    dw2 relative errors (target <= 1e-2)."""
+    e, d, f = shape
+    torch.backends.cuda.matmul.allow_tf32 = False
+    offsets, _ = routing(p, e, "zipf", seed=1)
+    gidx = torch.randint(0, p, (p,), device=DEV)
+    x = torch.randn(p, d, device=DEV)
+    w13 = torch.randn(e, d, 2 * f, device=DEV) / d ** 0.5
+    w2 = torch.randn(e, f, d, device=DEV) / f ** 0.5
+    dy = torch.randn(p, d, device=DEV)
+    res = {}
+    for name, dt in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        leaves = [t.to(dt).requires_grad_() for t in (x, w13, w2)]
+        fn = expert_swiglu_mlp if name == "bf16" else expert_swiglu_mlp_reference
+        y = fn(*leaves, offsets, gidx)
+        y.backward(dy.to(dt))
+        res[name] = [y] + [t.grad for t in leaves]
+    errs = {k: rel(a, b) for k, a, b in zip(("y", "dx", "dw13", "dw2"), res["bf16"], res["fp32"])}
+    ok = all(v <= 1e-2 for v in errs.values())
+    print(f"  bf16 check {shape} rows {p}: " + "  ".join(f"{k} {v:.2e}" for k, v in errs.items())
+          + ("  OK" if ok else "  FAIL"), flush=True)
+    return dict(part="bf16_check", E=e, d=d, f=f, ok=ok, **errs)
+
+
+def bench_hard_mode(shape, p, rep):
+    """S = 2 expert MLP steps on shared weights (fp32 wgrad accumulation). Soft: both steps on
+    all rows. Hard: step 2 on the compacted half of each expert's rows (gather_index)."""
+    e, d, f = shape
+    offsets, counts = routing(p, e, "balanced")
+    bf = dict(device=DEV, dtype=torch.bfloat16)
+    w13 = (torch.randn(e, d, 2 * f, **bf) / d ** 0.5).requires_grad_()
+    w2 = (torch.randn(e, f, d, **bf) / f ** 0.5).requires_grad_()
+    keep = torch.arange(0, p, 2, device=DEV)          # every other row stays active
+    kept = torch.tensor([(c + 1) // 2 if lo % 2 == 0 else c // 2
+                         for lo, c in zip(offsets[:-1].tolist(), counts)])
+    off2 = torch.zeros(e + 1, dtype=torch.int64)
+    off2[1:] = kept.cumsum(0)
+    off2 = off2.to(DEV)
+    xs = [torch.randn(p, d, **bf).requires_grad_() for _ in range(ROT)]
+    rot = Rot(xs)
+
+    def step2(hard):
+        x = rot.next()
+        acc = gg.WeightGradAccumulator()
+        w13_t, w2_t = acc.track(w13, w2)
+        h1 = expert_swiglu_mlp(x, w13_t, w2_t, offsets, wgrad_acc=acc)
+        if hard:
+            h2 = expert_swiglu_mlp(h1, w13_t, w2_t, off2, keep, wgrad_acc=acc)
+        else:
+            h2 = expert_swiglu_mlp(h1, w13_t, w2_t, offsets, wgrad_acc=acc)
+        (h1.sum() + h2.sum()).backward()
+
+    t_soft = bench(lambda: step2(False), grad_to_none=xs + [w13, w2], rep=rep)
+    t_hard = bench(lambda: step2(True), grad_to_none=xs + [w13, w2], rep=rep)
+    red = 1 - t_hard / t_soft
+    print(f"  hard mode {shape}: soft {t_soft:.3f} ms  hard {t_hard:.3f} ms  "
+          f"reduction {100 * red:.1f}% (ideal 25%)", flush=True)
+    return dict(part="hard_mode", E=e, d=d, f=f, soft_ms=t_soft, hard_ms=t_hard, reduction=red)
+
+
+def autotune_report():
+    """The config each autotuner chose, per key, and the timing of every candidate."""
+    lines = []
+    for name in ("_gmm_plain", "_gmm_swiglu", "_gmm_swiglu_bwd", "_wgrad_tuned"):
+        tuner = getattr(gg, name, None)
+        for key, cfg in getattr(tuner, "cache", {}).items():
+            lines.append(f"{name} key={key} best={cfg}")
+    return lines
+
+
+def table(rows):
+    out = ["", "expert SwiGLU MLP, bf16, TFLOP/s (fwd | fwd+bwd)"]
+    mlp = [r for r in rows if r["part"] == "mlp"]
+    methods = list(dict.fromkeys(r["method"] for r in mlp))
+    out.append(f"{'E,d,f':16s}{'routing':9s}" + "".join(f"{m:>18s}" for m in methods))
+    for key in dict.fromkeys((r["E"], r["d"], r["f"], r["routing"]) for r in mlp):
+        cells = {r["method"]: r for r in mlp if (r["E"], r["d"], r["f"], r["routing"]) == key}
+        out.append(f"{str(key[:3]):16s}{key[3]:9s}" + "".join(
+            f"{cells[m]['fwd_tflops']:8.0f} |{cells[m]['fwdbwd_tflops']:6.0f}  " for m in methods))
+    gem = [r for r in rows if r["part"] == "gemm"]
+    if gem:
+        out += ["", "per GEMM, balanced, TFLOP/s (ratios: triton / mm, / bmm, / grouped_mm)"]
+        for r in gem:
+            fused = f"  fused {r['triton_swiglu']:.0f}" if "triton_swiglu" in r else ""
+            out.append(f"{str((r['E'], r['d'], r['f'])):16s}{r['gemm']:10s} triton "
+                       f"{r['triton']:5.0f} gmm {r['grouped_mm']:5.0f} mm {r['mm']:5.0f} bmm "
+                       f"{r['bmm']:5.0f}  {r['triton'] / r['mm']:.2f} {r['triton'] / r['bmm']:.2f}"
+                       f" {r['triton'] / r['grouped_mm']:.2f}{fused}")
+    for r in rows:
+        if r["part"] in ("bf16_check", "hard_mode"):
+            out.append(json.dumps(r))
+    return "\n".join(out)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rows", type=int, default=32768)
+    ap.add_argument("--quick", action="store_true", help="one shape, short repeats")
+    ap.add_argument("--parts", default="check,mlp,gemm,hard")
+    ap.add_argument("--smoke", action="store_true",
+                    help="tiny shapes on the CPU (needs TRITON_INTERPRET=1): checks the script")
+    args = ap.parse_args(argv)
+    torch.manual_seed(0)
+    global DEV, SHAPES, GEMM_SHAPES
+    if args.smoke:
+        DEV, SHAPES, GEMM_SHAPES, args.rows = "cpu", [(4, 64, 96)], [(4, 64, 96)], 256
+    shapes = SHAPES[1:2] if args.quick else SHAPES
+    rep = 30 if args.quick else 100
+    parts, rows = args.parts.split(","), []
+    device = torch.cuda.get_device_name() if DEV == "cuda" else "cpu"
+    print(f"device {device}  torch {torch.__version__}", flush=True)
+    if "check" in parts:
+        rows.append(check_bf16(*((SHAPES[0], 256) if args.smoke else ())))
+    if "mlp" in parts:
+        for shape in shapes:
+            for kind in ("balanced", "zipf"):
+                rows += bench_mlp(shape, kind, args.rows, rep)
+    if "gemm" in parts:
+        for shape in (GEMM_SHAPES[:1] if args.quick else GEMM_SHAPES):
+            rows += bench_gemms(shape, args.rows, rep)
+    if "hard" in parts:
+        for shape in shapes[:2]:
+            rows.append(bench_hard_mode(shape, args.rows, rep))
+    tune = autotune_report()
+    print("\n".join(tune))
+    print(table(rows))
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], "bench_grouped_gemm.json"), "w") as fh:
+            json.dump(dict(device=device, rows=rows, autotune=tune),
+                      fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
