@@ -3,7 +3,7 @@
 One idea: expert e owns the dispatched rows [offsets[e], offsets[e+1]); the forward is
 Y[rows_e] = X[rows_e] @ W[e], the backward dX = dY @ W[e]^T and dW[e] = X[rows_e]^T @ dY[rows_e].
 MOC_MATH.md, "Experts" (the W13 / W2 GEMMs of every IRL step). Fused SwiGLU lives in
-kernels/expert_mlp.py but runs on the kernel below (EPILOGUE 1 and 2).
+kernels/expert_mlp.py but runs on the kernel below (EPILOGUE 1).
 
 Shape legend: P dispatched rows, T source rows (x before a gather), E experts, K in-dim,
 N out-dim. Dtypes: bf16 / fp16 / fp32 in, fp32 accumulation, output in the input dtype.
@@ -38,6 +38,7 @@ from __future__ import annotations
 import torch
 
 from kernels.gmm_backend import TorchPrimitives, _interpreting, resolve_backend
+from kernels.swiglu import launch_swiglu_bwd
 
 try:
     import triton
@@ -49,12 +50,10 @@ _IS_HIP = torch.version.hip is not None
 
 
 def _configs(shapes, extra=None):
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages[, PRE_EARLY]) -> triton.Config list
-    for _gmm_kernel (PRE_EARLY: epilogue 2 loads the pre-activation before the K loop)."""
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) -> triton.Config list (_gmm_kernel)."""
     out = []
-    for bm, bn, bk, warps, stages, *early in shapes:
-        kw = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, PRE_EARLY=bool(early and
-                  early[0]), **(extra or {}))
+    for bm, bn, bk, warps, stages in shapes:
+        kw = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, **(extra or {}))
         out.append(triton.Config(kw, num_warps=warps, num_stages=stages))
     return out
 
@@ -68,22 +67,18 @@ def _wgrad_configs(shapes, extra=None):
 if triton is not None:
     if _interpreting():   # tiny tiles: the tests use odd sizes of a few dozen rows
         _GMM_CFG = _SWIGLU_CFG = _configs([(16, 16, 16, 4, 1)])
-        _SWIGLU_BWD_CFG = _configs([(16, 16, 16, 4, 1, True)])
         _WGRAD_CFG = _wgrad_configs([(16, 16, 16, 4, 1)])
     elif _IS_HIP:         # MI300X: wave64, 2 stages, 16x16 MFMA; sane defaults, not tuned
         _amd = dict(waves_per_eu=2, matrix_instr_nonkdim=16, kpack=2)
-        _GMM_CFG = _SWIGLU_BWD_CFG = _configs([(256, 256, 64, 8, 2), (128, 128, 64, 4, 2)],
-                                              _amd)
+        _GMM_CFG = _configs([(256, 256, 64, 8, 2), (128, 128, 64, 4, 2)], _amd)
         _SWIGLU_CFG = _configs([(256, 128, 64, 8, 2), (128, 64, 64, 4, 2)], _amd)
         _WGRAD_CFG = _wgrad_configs([(256, 256, 64, 8, 2), (128, 128, 64, 4, 2)], _amd)
     else:                 # Hopper (H100 / H200); see docs/kernels_notes.md for the sweep
         _GMM_CFG = _configs([(128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (128, 128, 64, 4, 4),
-                             (128, 128, 64, 8, 4), (256, 128, 64, 8, 3)])
+                             (128, 128, 64, 8, 4), (256, 128, 64, 8, 3), (256, 128, 64, 8, 4),
+                             (128, 128, 128, 8, 3)])
         _SWIGLU_CFG = _configs([(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 64, 64, 4, 4),
                                 (64, 128, 64, 4, 4), (256, 64, 64, 8, 3)])
-        _SWIGLU_BWD_CFG = _configs([(128, 128, 64, 8, 3, True), (128, 128, 64, 8, 3),
-                                    (128, 128, 64, 8, 4, True), (128, 64, 64, 4, 4),
-                                    (64, 128, 64, 4, 4, True), (128, 256, 64, 8, 3)])
         _WGRAD_CFG = _wgrad_configs([(128, 256, 64, 8, 3), (256, 128, 64, 8, 3),
                                      (128, 128, 64, 8, 4), (128, 128, 64, 4, 4),
                                      (128, 256, 32, 8, 4)])
@@ -110,12 +105,11 @@ if triton is not None:
                     EPILOGUE: tl.constexpr, HAS_GATHER: tl.constexpr, STORE_PRE: tl.constexpr,
                     B_K_CONTIG: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
                     E_POW2: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                    PRE_EARLY: tl.constexpr):
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
         """C[rows_g] = A[rows_g] @ B[g]  (A: [P or T, K] unit stride in K; B: [E, K, N]).
         EPILOGUE 0: plain. 1: SwiGLU forward, B has 2N columns (gate | up), C = silu(gate)*up
-        [P, N], and with STORE_PRE the pre-activation [P, 2N] goes to pre_ptr. 2: SwiGLU
-        backward, the product is dh [P, N]; reads pre [P, 2N], writes d(gate|up) [P, 2N]."""
+        [P, N], and with STORE_PRE the pre-activation [P, 2N] goes to pre_ptr. (A SwiGLU
+        backward epilogue was measured slower than a separate pass: docs/kernels_notes.md.)"""
         pid = tl.program_id(0)
         num_slots = tl.cdiv(P, BLOCK_M) + E
         num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -146,11 +140,6 @@ if triton is not None:
             b_ptrs = b_base + rk[:, None] * stride_bk + rn[None, :]
             b_step = BLOCK_K * stride_bk
             up_shift = N
-        cmask = rmask[:, None] & nmask[None, :]
-        if EPILOGUE == 2 and PRE_EARLY:    # issue the pre-activation loads before the loop
-            p_ptrs = pre_ptr + rm[:, None] * stride_pm + rn[None, :]
-            gate = tl.load(p_ptrs, mask=cmask, other=0.0)
-            up = tl.load(p_ptrs + N, mask=cmask, other=0.0)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         k_iters = tl.where(g < E, tl.cdiv(K, BLOCK_K), 0)   # the zero tail skips the loop
@@ -172,28 +161,17 @@ if triton is not None:
                 acc_up = tl.dot(a, bu, acc_up, input_precision=PREC)
             a_ptrs += BLOCK_K
             b_ptrs += b_step
+        cmask = rmask[:, None] & nmask[None, :]
         c_ptrs = c_ptr + rm[:, None] * stride_cm + rn[None, :]
         if EPILOGUE == 0:
             tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=cmask)
-        elif EPILOGUE == 1:
+        else:
             if STORE_PRE:
                 p_ptrs = pre_ptr + rm[:, None] * stride_pm + rn[None, :]
                 tl.store(p_ptrs, acc.to(pre_ptr.dtype.element_ty), mask=cmask)
                 tl.store(p_ptrs + N, acc_up.to(pre_ptr.dtype.element_ty), mask=cmask)
             h = acc * tl.sigmoid(acc) * acc_up
             tl.store(c_ptrs, h.to(c_ptr.dtype.element_ty), mask=cmask)
-        else:
-            if not PRE_EARLY:
-                p_ptrs = pre_ptr + rm[:, None] * stride_pm + rn[None, :]
-                gate = tl.load(p_ptrs, mask=cmask, other=0.0)
-                up = tl.load(p_ptrs + N, mask=cmask, other=0.0)
-            gate = gate.to(tl.float32)
-            up = up.to(tl.float32)
-            sig = tl.sigmoid(gate)
-            d_up = acc * gate * sig
-            d_gate = acc * up * sig * (1.0 + gate * (1.0 - sig))
-            tl.store(c_ptrs, d_gate.to(c_ptr.dtype.element_ty), mask=cmask)
-            tl.store(c_ptrs + N, d_up.to(c_ptr.dtype.element_ty), mask=cmask)
 
     @triton.jit
     def _wgrad_kernel(a_ptr, b_ptr, c_ptr, off_ptr, gidx_ptr, K, N, stride_am, stride_bm,
@@ -267,8 +245,6 @@ if triton is not None:
         triton.heuristics(_heur)(_gmm_kernel))
     _gmm_swiglu = triton.autotune(_SWIGLU_CFG, key=["N", "K", "P_BUCKET", "EPILOGUE",
                                                     "B_K_CONTIG", "HAS_GATHER"])(
-        triton.heuristics(_heur)(_gmm_kernel))
-    _gmm_swiglu_bwd = triton.autotune(_SWIGLU_BWD_CFG, key=["N", "K", "P_BUCKET"])(
         triton.heuristics(_heur)(_gmm_kernel))
     _wgrad_tuned = triton.autotune(_WGRAD_CFG, key=["N", "K", "K_BUCKET", "HAS_GATHER",
                                                     "ACCUMULATE"],
@@ -364,17 +340,15 @@ def launch_gmm_swiglu(a, w13, offsets, gather_index=None, store_pre=True, config
     return h, pre
 
 
-def launch_gmm_swiglu_bwd(dy, w2, offsets, pre, config=None):
+def launch_gmm_swiglu_bwd(dy, w2, offsets, pre):
     """d(gate | up) [P, 2F] from dy [P, D], w2 [E, F, D] and the saved pre-activation
-    [P, 2F]: dh = dY[rows_e] @ W2[e]^T, then the SwiGLU backward in the epilogue."""
+    [P, 2F]: dh = dY[rows_e] @ W2[e]^T (grouped GEMM), then one elementwise SwiGLU-backward
+    pass (kernels/swiglu.py); measured faster than doing it in the GEMM's epilogue."""
     _check(dy, w2, offsets, None, w2.shape[2])
-    if pre.shape != (dy.shape[0], 2 * w2.shape[1]) or pre.stride(1) != 1:
-        raise ValueError(f"pre must be a row-major [P, 2F] tensor, got {tuple(pre.shape)}")
-    dy, w2 = _unit_k(dy), (w2 if w2.stride(2) == 1 else w2.contiguous())
-    dgu = torch.empty_like(pre)
-    # the kernel writes columns [0, F) and [F, 2F) of dgu: N = F, output row stride 2F
-    return _launch(_gmm_swiglu_bwd, dy, w2, dgu, pre, offsets, None, w2.shape[1],
-                   w2.shape[2], 2, False, True, config)
+    if pre.shape != (dy.shape[0], 2 * w2.shape[1]):
+        raise ValueError(f"pre must be [P, 2F] = [{dy.shape[0]}, {2 * w2.shape[1]}], got "
+                         f"{tuple(pre.shape)}")
+    return launch_swiglu_bwd(pre, launch_gmm(dy, w2, offsets, trans_w=True))
 
 
 def launch_wgrad(a, dy, offsets, gather_index=None, accumulate_into=None, out_dtype=None,

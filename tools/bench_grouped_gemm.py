@@ -253,10 +253,44 @@ def bench_hard_mode(shape, p, rep):
     return dict(part="hard_mode", E=e, d=d, f=f, soft_ms=t_soft, hard_ms=t_hard, reduction=red)
 
 
+def probe_hard(shape, p, rep):
+    """Where hard mode's step 2 spends its time: the pieces on the compacted half of the rows,
+    with the gather (as hard mode runs them) and without (the same rows, already compact)."""
+    e, d, f = shape
+    offsets, counts = routing(p, e, "balanced")
+    half = torch.tensor([c // 2 for c in counts])
+    off2 = torch.zeros(e + 1, dtype=torch.int64)
+    off2[1:] = half.cumsum(0)
+    off2 = off2.to(DEV)
+    keep = torch.cat([torch.arange(lo, lo + c, device=DEV) for lo, c in
+                      zip(offsets[:-1].tolist(), half.tolist())])
+    bf = dict(device=DEV, dtype=torch.bfloat16)
+    x, xc = torch.randn(p, d, **bf), torch.randn(len(keep), d, **bf)
+    w13, w2 = torch.randn(e, d, 2 * f, **bf), torch.randn(e, f, d, **bf)
+    dgu = torch.randn(len(keep), 2 * f, **bf)
+    buf = torch.zeros(e, d, 2 * f, device=DEV)
+    res = {}
+    parts = {
+        "swiglu_fwd_gather": lambda: gg.launch_gmm_swiglu(x, w13, off2, keep),
+        "swiglu_fwd_compact": lambda: gg.launch_gmm_swiglu(xc, w13, off2),
+        "wgrad13_gather": lambda: gg.launch_wgrad(x, dgu, off2, keep),
+        "wgrad13_compact": lambda: gg.launch_wgrad(xc, dgu, off2),
+        "wgrad13_gather_acc": lambda: gg.launch_wgrad(x, dgu, off2, keep, accumulate_into=buf),
+        "wgrad13_compact_acc": lambda: gg.launch_wgrad(xc, dgu, off2, accumulate_into=buf),
+        "scatter_rows": lambda: gg.scatter_rows(xc, keep, p),
+        "cast_fp32_grad": lambda: buf.to(torch.bfloat16),
+    }
+    for name, fn in parts.items():
+        res[name] = bench(fn, rep=rep)
+    print(f"  probe hard {shape}: " + "  ".join(f"{k} {v:.3f}ms" for k, v in res.items()),
+          flush=True)
+    return dict(part="probe_hard", E=e, d=d, f=f, **res)
+
+
 def autotune_report():
     """The config each autotuner chose, per key, and the timing of every candidate."""
     lines = []
-    for name in ("_gmm_plain", "_gmm_swiglu", "_gmm_swiglu_bwd", "_wgrad_tuned"):
+    for name in ("_gmm_plain", "_gmm_swiglu", "_wgrad_tuned"):
         tuner = getattr(gg, name, None)
         for key, cfg in getattr(tuner, "cache", {}).items():
             lines.append(f"{name} key={key} best={cfg}")
@@ -282,7 +316,7 @@ def table(rows):
                        f"{r['bmm']:5.0f}  {r['triton'] / r['mm']:.2f} {r['triton'] / r['bmm']:.2f}"
                        f" {r['triton'] / r['grouped_mm']:.2f}{fused}")
     for r in rows:
-        if r["part"] in ("bf16_check", "hard_mode"):
+        if r["part"] in ("bf16_check", "hard_mode", "probe_hard"):
             out.append(json.dumps(r))
     return "\n".join(out)
 
@@ -291,7 +325,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rows", type=int, default=32768)
     ap.add_argument("--quick", action="store_true", help="one shape, short repeats")
-    ap.add_argument("--parts", default="check,mlp,gemm,hard")
+    ap.add_argument("--parts", default="check,mlp,gemm,probe,hard")
     ap.add_argument("--smoke", action="store_true",
                     help="tiny shapes on the CPU (needs TRITON_INTERPRET=1): checks the script")
     args = ap.parse_args(argv)
@@ -313,6 +347,8 @@ def main(argv=None):
     if "gemm" in parts:
         for shape in (GEMM_SHAPES[:1] if args.quick else GEMM_SHAPES):
             rows += bench_gemms(shape, args.rows, rep)
+    if "probe" in parts:
+        rows.append(probe_hard(shapes[1] if len(shapes) > 1 else shapes[0], args.rows, rep))
     if "hard" in parts:
         for shape in shapes[:2]:
             rows.append(bench_hard_mode(shape, args.rows, rep))

@@ -12,7 +12,8 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
-    for _name in ("kernels.gmm_backend", "kernels.grouped_gemm", "kernels.expert_mlp"):
+    for _name in ("kernels.gmm_backend", "kernels.swiglu", "kernels.grouped_gemm",
+                  "kernels.expert_mlp"):
         if _name in sys.modules:
             importlib.reload(sys.modules[_name])
 

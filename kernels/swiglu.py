@@ -1,0 +1,67 @@
+"""SwiGLU backward as one elementwise pass (Triton), with its torch twin.
+
+One idea: from the saved pre-activation [P, 2F] (gate | up) and dh [P, F], write
+d(gate | up) [P, 2F] in one read of each input and one write, fp32 math in registers.
+It follows a plain dgrad GEMM (dh = dY @ W2^T); kernels/grouped_gemm.py can instead do this
+in that GEMM's epilogue (EPILOGUE 2). docs/kernels_notes.md says which one runs and why.
+MOC_MATH.md, "Experts".
+
+Shape legend: P rows, F ffn size.
+    h = silu(g) * u;  du = dh * silu(g);  dg = dh * u * sig(g) * (1 + g * (1 - sig(g)))
+"""
+from __future__ import annotations
+
+import torch
+
+from kernels.gmm_backend import swiglu_bwd_math
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+BLOCK_ROWS, BLOCK_COLS = 8, 256   # 8 x 256 bf16 = 4 KiB per input tile; memory bound
+
+if triton is not None:
+    @triton.jit
+    def _swiglu_bwd_kernel(pre_ptr, dh_ptr, out_ptr, P, F, stride_pm, stride_dm, stride_om,
+                           BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+        rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        mask = (rows < P)[:, None] & (cols < F)[None, :]
+        p_ptrs = pre_ptr + rows[:, None] * stride_pm + cols[None, :]
+        g = tl.load(p_ptrs, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(p_ptrs + F, mask=mask, other=0.0).to(tl.float32)
+        dh = tl.load(dh_ptr + rows[:, None] * stride_dm + cols[None, :], mask=mask,
+                     other=0.0).to(tl.float32)
+        sig = tl.sigmoid(g)
+        o_ptrs = out_ptr + rows[:, None] * stride_om + cols[None, :]
+        tl.store(o_ptrs, (dh * u * sig * (1.0 + g * (1.0 - sig))).to(out_ptr.dtype.element_ty),
+                 mask=mask)
+        tl.store(o_ptrs + F, (dh * g * sig).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def launch_swiglu_bwd(pre: torch.Tensor, dh: torch.Tensor) -> torch.Tensor:
+    """d(gate | up) [P, 2F] from pre [P, 2F] and dh [P, F] (same dtype, unit column stride)."""
+    p, f = dh.shape
+    if pre.shape != (p, 2 * f) or pre.dtype != dh.dtype:
+        raise ValueError(f"pre must be [P, 2F] = [{p}, {2 * f}] in {dh.dtype}, got "
+                         f"{pre.dtype} {tuple(pre.shape)}")
+    pre = pre if pre.stride(1) == 1 else pre.contiguous()
+    dh = dh if dh.stride(1) == 1 else dh.contiguous()
+    out = torch.empty(p, 2 * f, dtype=pre.dtype, device=pre.device)
+    grid = (triton.cdiv(p, BLOCK_ROWS), triton.cdiv(f, BLOCK_COLS))
+    _swiglu_bwd_kernel[grid](pre, dh, out, p, f, pre.stride(0), dh.stride(0), out.stride(0),
+                             BLOCK_R=BLOCK_ROWS, BLOCK_C=BLOCK_COLS, num_warps=4)
+    return out
+
+
+def swiglu_bwd_reference(pre: torch.Tensor, dh: torch.Tensor) -> torch.Tensor:
+    """Plain-torch twin (fp32 math, fp64 for fp64 input)."""
+    if pre.dtype == torch.float64:
+        f = dh.shape[-1]
+        g, u = pre[:, :f], pre[:, f:]
+        sig = torch.sigmoid(g)
+        return torch.cat([dh * u * sig * (1 + g * (1 - sig)), dh * g * sig], dim=1)
+    return swiglu_bwd_math(pre, dh)
