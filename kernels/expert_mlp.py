@@ -1,9 +1,10 @@
-"""Expert SwiGLU MLP on the grouped GEMM: SwiGLU fused into the W13 epilogue (forward) and
-into the W2 dgrad epilogue (backward).
+"""Expert SwiGLU MLP on the grouped GEMM, with SwiGLU fused into the W13 GEMM's epilogue.
 
 One idea: an expert is y = (silu(x·Wg) * (x·Wu)) · W2 on the rows it owns; the two grouped
-GEMMs run on kernels/grouped_gemm.py's kernel, and the SwiGLU elementwise work never makes a
-round trip through memory of its own. MOC_MATH.md, "Experts" (one IRL step's expert MLP).
+GEMMs run on kernels/grouped_gemm.py's kernel, whose W13 epilogue applies SwiGLU (forward).
+The backward's SwiGLU derivative is one elementwise pass after the W2 dgrad (kernels/swiglu.py):
+fusing it into that GEMM's epilogue measured slower (docs/kernels_notes.md).
+MOC_MATH.md, "Experts" (one IRL step's expert MLP).
 
 Shape legend: P dispatched rows (sorted by expert), T source rows (x before a gather),
 E experts, D hidden size, F ffn size. w13 [E, D, 2F] (columns [0, F) gate, [F, 2F) up),
@@ -17,9 +18,9 @@ Public API
     expert_swiglu_mlp(x, w13, w2, offsets, gather_index=None, *, wgrad_acc=None, backend=None)
         -> y [P, D]. Forward: fused W13+SwiGLU kernel, then the W2 grouped GEMM. Saves x,
         the pre-activation [P, 2F] and h [P, F] (h feeds the W2 weight gradient; the
-        unfused grouped_mm path keeps the same tensors). Backward: dY·W2^T with the SwiGLU
-        backward in its epilogue -> d(gate|up) [P, 2F]; wgrad for W2 and W13; dX = d(gate|up)
-        · W13^T, scattered back through gather_index (index_add, see grouped_gemm).
+        unfused grouped_mm path keeps the same tensors). Backward: dh = dY·W2^T, then the
+        SwiGLU backward -> d(gate|up) [P, 2F]; wgrad for W2 and W13; dX = d(gate|up)·W13^T,
+        scattered back through gather_index (index_add, see grouped_gemm).
     grouped_swiglu_reference / expert_swiglu_mlp_reference: same signatures, fp32 (fp64)
         per-expert loop, differentiable by autograd.
     wgrad_acc: a kernels.grouped_gemm.WeightGradAccumulator tracking w13 (and w2): the S IRL
