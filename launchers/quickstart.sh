@@ -20,7 +20,7 @@ NPROC=${NPROC:-2}
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
   .venv/bin/pip install -q -U pip
-  .venv/bin/pip install -q torch                # CPU or CUDA build, whatever pip picks here
+  .venv/bin/pip install -q "${TORCH_SPEC:-torch==2.13.0}"   # set TORCH_SPEC for your CUDA/ROCm build
   .venv/bin/pip install -q -e ".[test]"
 fi
 . .venv/bin/activate
