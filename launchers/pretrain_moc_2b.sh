@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+""":"
+# Pretrain recipe launchers/configs/moc_2b.yaml. Valid bash and valid Python, so both work:
+#   deepspeed launchers/pretrain_moc_2b.sh [section.key=value ...]   (DeepSpeed runs it with Python)
+#   bash launchers/pretrain_moc_2b.sh [--dry-run] [section.key=value ...]
+#   LAUNCHER=torchrun bash launchers/pretrain_moc_2b.sh ...
+RECIPE=moc_2b
+. "$(dirname "$0")/_launch.sh"
+":"""
+import os, sys  # noqa: E401  (Python half: one rank under the deepspeed launcher)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _entry import run  # noqa: E402
+run("moc_2b")
