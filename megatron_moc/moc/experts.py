@@ -72,11 +72,15 @@ def swiglu_mlp_triton(z_PD, w13_EDF, w2_EFD, offsets_E1, wgrad_acc=None):
 
 
 def _triton_can_run(x: torch.Tensor) -> bool:
+    """`auto` takes Triton for GPU tensors only: the CPU interpreter (TRITON_INTERPRET=1) is
+    for kernel tests that ask for backend 'triton' by name, never a training path."""
+    if not x.is_cuda:
+        return False
     try:
-        from kernels.gmm_backend import _interpreting, backend_available
+        from kernels.gmm_backend import backend_available
     except ImportError:  # Triton not installed
         return False
-    return backend_available() and (x.is_cuda or _interpreting())
+    return backend_available()
 
 
 def pick_backend(name: str, x: torch.Tensor):

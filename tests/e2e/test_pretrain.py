@@ -24,7 +24,8 @@ def env(tmp_path_factory):
     e = dict(os.environ)
     e.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=ROOT,
              TORCH_EXTENSIONS_DIR=str(tmp_path_factory.mktemp("torch_ext")))
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+    # TRITON_INTERPRET: tests/kernels' conftest sets it for the whole pytest session.
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TRITON_INTERPRET"):
         e.pop(k, None)
     return e
 
