@@ -11,6 +11,12 @@ Model kinds (`moc_model_kind`), MOC_MATH.md "Block":
     moe          top-k experts, S = 1, no mediator: the baseline
     collab_only  top-k experts with the mediator, S = 1
     moc          top-k experts, S >= 1 IRL steps, mediator with R rounds
+    moc_v1       the first MoC (research variant): every expert on every token, attention
+                 over the E outputs to route, attention over the K chosen to fuse (moc/v1.py)
+
+Research variants (MOC_MATH.md "Research variants beyond the main layer"): gate entropy
+regularization (`moc_gate_entropy_*`, off while β_0 = 0), MoC v1 (`moc_v1_*`); Stage II
+gate-only training is a training phase (`train.stage2_*`, training/stage2.py).
 """
 
 from __future__ import annotations
@@ -24,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-MODEL_KINDS = ("dense", "irl_only", "moe", "collab_only", "moc")
-EXPERT_KINDS = ("moe", "collab_only", "moc")
+MODEL_KINDS = ("dense", "irl_only", "moe", "collab_only", "moc", "moc_v1")
+EXPERT_KINDS = ("moe", "collab_only", "moc", "moc_v1")
 ADAPTIVE_MODES = ("soft", "hard")
 EXPERT_BACKENDS = ("auto", "triton", "grouped_mm", "loop")
 
@@ -106,6 +112,14 @@ class MoCConfig(TransformerConfig):
     moc_value_rank: int = 0
     # Systems.
     moc_expert_backend: str = "auto"
+    # Research variants. Gate entropy regularization: aux += -β·H(q) for every adaptive gate;
+    # β = β_0 (`coeff`) for the first `warmup_frac` of training, then linear to `final` at the
+    # last step. β_0 = 0 switches the term off (the research branch used 0.1 -> 0.05, 0.1).
+    moc_gate_entropy_coeff: float = 0.0
+    moc_gate_entropy_final: float = 0.05
+    moc_gate_entropy_warmup_frac: float = 0.1
+    # MoC v1: temperature τ_r of its contextual router (logits / τ_r).
+    moc_v1_router_temperature: float = 1.0
 
     def __post_init__(self) -> None:
         self._validate_moc_fields()
@@ -176,14 +190,63 @@ class MoCConfig(TransformerConfig):
                     f"[1, num_moe_experts={self.num_moe_experts}]")
         if self.pipeline_model_parallel_size > 1:
             bad("pipeline_model_parallel_size", "pipeline parallelism is not supported yet (use 1)")
+        tp, ep = self.tensor_model_parallel_size, self.expert_model_parallel_size
+        if tp > 1 and not self.sequence_parallel:
+            bad("sequence_parallel", f"must be true with tensor_model_parallel_size={tp}: the "
+                "replicated norms and MoC weights are reduced over TP as sequence-parallel params")
+        if ep > 1:
+            if kind not in EXPERT_KINDS:
+                bad("expert_model_parallel_size", f"{ep} needs a kind with experts, not {kind!r}")
+            if self.num_moe_experts is not None and self.num_moe_experts % ep:
+                bad("expert_model_parallel_size", f"{ep} must divide num_moe_experts="
+                    f"{self.num_moe_experts}")
+        self._validate_variant_fields()
         if self.recompute_granularity == "full":
             bad("recompute_granularity", "'full' (reentrant) recompute drops the MoC aux-loss "
                 "graph; use 'selective' or None")
 
+    def _validate_variant_fields(self) -> None:
+        def bad(field: str, msg: str) -> None:
+            raise ValueError(f"MoCConfig.{field}: {msg}")
+
+        for name in ("moc_gate_entropy_coeff", "moc_gate_entropy_final"):
+            if getattr(self, name) < 0:
+                bad(name, f"must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.moc_gate_entropy_warmup_frac <= 1.0:
+            bad("moc_gate_entropy_warmup_frac",
+                f"must be in [0, 1], got {self.moc_gate_entropy_warmup_frac}")
+        if self.gate_entropy_on and self.expert_model_parallel_size > 1:
+            bad("moc_gate_entropy_coeff", "gate entropy regularization is not wired through "
+                "the expert-parallel all-to-all yet; use expert_model_parallel_size 1 or 0.0")
+        if self.moc_v1_router_temperature <= 0:
+            bad("moc_v1_router_temperature", f"must be > 0, got {self.moc_v1_router_temperature}")
+        if self.moc_model_kind == "moc_v1":
+            if self.moc_irl_steps != 1:
+                bad("moc_irl_steps", f"kind 'moc_v1' runs S = 1; got {self.moc_irl_steps}")
+            if self.num_moe_experts is not None and self.num_moe_experts < 2:
+                bad("num_moe_experts", "kind 'moc_v1' needs >= 2 experts (its aux loss has "
+                    "the variance over experts)")
+            for name in ("tensor_model_parallel_size", "expert_model_parallel_size"):
+                if getattr(self, name) > 1:
+                    bad(name, "kind 'moc_v1' is an ablation layer without tensor or expert "
+                        "parallelism; use 1")
+
     # ------------------------------------------------------------------ derived
+    @property
+    def gate_entropy_on(self) -> bool:
+        """The gate entropy term is built (and H logged) only when β_0 > 0."""
+        return self.moc_gate_entropy_coeff > 0
+
     @property
     def has_experts(self) -> bool:
         return self.moc_model_kind in EXPERT_KINDS
+
+    @property
+    def experts_per_token(self) -> int:
+        """Experts a token runs through: K, all E for MoC v1, 0 without experts."""
+        if not self.has_experts:
+            return 0
+        return self.num_moe_experts if self.moc_model_kind == "moc_v1" else self.moe_router_topk
 
     @property
     def has_mediator(self) -> bool:

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_moc.model.norm import rms_norm
-from megatron_moc.moc.adaptive import step_activity
+from megatron_moc.moc.adaptive import gate_entropy, step_activity
 
 log = logging.getLogger(__name__)
 _LOGGED = set()
@@ -102,25 +102,44 @@ def pick_backend(name: str, x: torch.Tensor):
 class IRLExperts(nn.Module):
     """E experts, each a SwiGLU FFN with its own RMSNorm_e and (adaptive) step gate G_e."""
 
-    def __init__(self, config, num_experts: int):
+    def __init__(self, config, num_experts: int, expert_parallel: int = 1):
+        """`num_experts` is the model's E; with `expert_parallel` > 1 this rank holds the
+        E / EP experts of its EP rank (`first_expert` on), as DeepSpeed's MoE params."""
         super().__init__()
         self.config = config
-        self.num_experts = E = num_experts
+        self.expert_parallel = expert_parallel
+        self.num_experts = E = num_experts // expert_parallel
+        if expert_parallel > 1:
+            from megatron_moc.parallel.groups import expert_parallel_rank
+
+            self.first_expert = expert_parallel_rank(expert_parallel) * E
+        else:
+            self.first_expert = 0
         D, Fh = config.hidden_size, (config.moe_ffn_hidden_size or config.ffn_hidden_size)
         self.steps = S = config.moc_irl_steps
         self.alpha = 1.0 / math.sqrt(S)
-        dt = config.params_dtype
-        self.w13 = nn.Parameter(torch.empty(E, D, 2 * Fh, dtype=dt))
-        self.w2 = nn.Parameter(torch.empty(E, Fh, D, dtype=dt))
-        self.norm_weight = nn.Parameter(torch.ones(E, D, dtype=dt))
-        config.init_method(self.w13)
-        config.init_method(self.w2)
+        self.w13 = self._init_param((D, 2 * Fh), num_experts, config.init_method)
+        self.w2 = self._init_param((Fh, D), num_experts, config.init_method)
+        self.norm_weight = self._init_param((D,), num_experts, nn.init.ones_)
         if config.adaptive_steps_on:
-            self.step_gate_weight = nn.Parameter(torch.empty(E, S + 1, D, dtype=dt))
-            self.step_gate_bias = nn.Parameter(torch.zeros(E, S + 1, dtype=dt))
-            config.init_method(self.step_gate_weight)
+            self.step_gate_weight = self._init_param((S + 1, D), num_experts, config.init_method)
+            self.step_gate_bias = self._init_param((S + 1,), num_experts, nn.init.zeros_)
         else:
             self.step_gate_weight = self.step_gate_bias = None
+        if expert_parallel > 1:
+            from megatron_moc.parallel.groups import expert_group_name
+
+            for p in self.parameters():  # DeepSpeed's MoE convention for expert params
+                p.allreduce = False
+                p.group_name = expert_group_name(expert_parallel)
+
+    def _init_param(self, shape, num_experts: int, init) -> nn.Parameter:
+        """Initialise all E experts' weights, keep this rank's slice: the same seed gives
+        the same model at every EP size."""
+        full = torch.empty(num_experts, *shape, dtype=self.config.params_dtype)
+        init(full)
+        local = full[self.first_expert:self.first_expert + self.num_experts]
+        return nn.Parameter(local.clone() if self.expert_parallel > 1 else full)
 
     def activity(self, x_PD: torch.Tensor, expert_P: torch.Tensor):
         """Per-row step activity a [P, S] and E[steps] [P], fp32 (the gate is fp32).
@@ -137,6 +156,21 @@ class IRLExperts(nn.Module):
         logits = logits.view(P, self.num_experts, S + 1)
         logits = logits.gather(1, expert_P.view(P, 1, 1).expand(P, 1, S + 1)).squeeze(1)
         return step_activity(logits, cfg.moc_step_gate_temperature, cfg.moc_adaptive_mode)
+
+    def gate_entropy(self, x_PD: torch.Tensor, expert_P: torch.Tensor) -> torch.Tensor:
+        """Per-row entropy H(q) of the row's own step gate, fp32 [P]; zeros without gates
+        (MOC_MATH.md "Gate entropy regularization"). Only built when the regularizer is on:
+        it repeats the gate GEMM of `activity` ([P, D]·[D, E(S+1)], cheap) so the expert
+        forward keeps its signature."""
+        P, S = x_PD.shape[0], self.steps
+        dt = torch.float64 if x_PD.dtype == torch.float64 else torch.float32
+        if self.step_gate_weight is None:
+            return x_PD.new_zeros(P, dtype=dt)
+        w = self.step_gate_weight.to(dt).reshape(-1, x_PD.shape[1])           # [E(S+1), D]
+        logits = (x_PD.to(dt) @ w.t() + self.step_gate_bias.to(dt).reshape(-1))
+        logits = logits.view(P, self.num_experts, S + 1)
+        logits = logits.gather(1, expert_P.view(P, 1, 1).expand(P, 1, S + 1)).squeeze(1)
+        return gate_entropy(logits, self.config.moc_step_gate_temperature)
 
     def forward(self, x_PD: torch.Tensor, expert_P: torch.Tensor, offsets_E1: torch.Tensor
                 ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -194,6 +228,9 @@ class IRLFeedForward(nn.Module):
         self.ffn = IRLExperts(config, num_experts=1)
         with torch.no_grad():  # spec init: the dense FFN's w2 is scaled like o_proj
             self.ffn.w2.mul_(1.0 / math.sqrt(2 * config.num_layers))
+        if config.sequence_parallel:  # it sees this rank's s/TP tokens: sum grads over TP
+            for p in self.parameters():
+                p.sequence_parallel = True
 
     def forward(self, hidden_states: torch.Tensor, **kwargs):
         shape = hidden_states.shape

@@ -13,11 +13,23 @@ from megatron.core.models.gpt import GPTModel
 
 from megatron_moc.model.specs import get_moc_block_spec
 from megatron_moc.moc.layer import MoCLayer, RoutingStats
+from megatron_moc.moc.v1 import MoCV1Layer
+
+# Layers whose aux loss enters the model loss and whose stats the trainer logs.
+MOC_LAYER_TYPES = (MoCLayer, MoCV1Layer)
 
 
 class MoCGPTModel(GPTModel):
     def moc_layers(self) -> List[MoCLayer]:
-        return [m for m in self.modules() if isinstance(m, MoCLayer)]
+        return [m for m in self.modules() if isinstance(m, MOC_LAYER_TYPES)]
+
+    def set_train_progress(self, step: int, total_steps: int) -> None:
+        """Tell the layers which optimizer step (1-based) of `total_steps` comes next; the
+        gate entropy β schedule reads it (MOC_MATH.md "Gate entropy regularization"). The
+        trainer calls it before every step: explicit state, no globals."""
+        for layer in self.moc_layers():
+            if hasattr(layer, "set_train_progress"):
+                layer.set_train_progress(step, total_steps)
 
     def aux_loss(self) -> torch.Tensor:
         """Σ_layers aux_layer / n_moc_layers of the last forward (0 for dense kinds)."""
@@ -47,9 +59,29 @@ class MoCGPTModel(GPTModel):
         return ce + aux, ce, aux
 
 
+def sum_sequence_parallel_grads_over_tp(model: torch.nn.Module) -> None:
+    """Under sequence parallelism a replicated weight (the norms, the dense FFN) sees only its
+    TP rank's tokens, so its gradient is partial. Megatron's own trainer all-reduces the
+    params marked `sequence_parallel` after backward; DeepSpeed does not know the mark, so a
+    hook sums each such gradient over the TP group as autograd produces it (before DeepSpeed's
+    data-parallel reduction)."""
+    from megatron.core import parallel_state as ps
+
+    group = ps.get_tensor_model_parallel_group()
+
+    def hook(grad):
+        grad = grad.clone()
+        torch.distributed.all_reduce(grad, group=group)
+        return grad
+
+    for p in model.parameters():
+        if getattr(p, "sequence_parallel", False) and p.requires_grad:
+            p.register_hook(hook)
+
+
 def build_model(config, pre_process: bool = True, post_process: bool = True) -> MoCGPTModel:
     """A MoCGPTModel for `config.moc_model_kind` (RoPE with interleaved pairs, tied embeddings)."""
-    return MoCGPTModel(
+    model = MoCGPTModel(
         config=config,
         transformer_layer_spec=get_moc_block_spec(config),
         vocab_size=config.vocab_size,
@@ -61,3 +93,6 @@ def build_model(config, pre_process: bool = True, post_process: bool = True) -> 
         rotary_percent=1.0,
         rotary_base=int(config.rotary_base),
     )
+    if config.sequence_parallel and config.tensor_model_parallel_size > 1:
+        sum_sequence_parallel_grads_over_tp(model)
+    return model

@@ -7,10 +7,12 @@ a *torch* AdamW (an optimizer named in the JSON would make DeepSpeed JIT-build F
 needs a compiler and CUDA) and an `mpu` adapter over megatron.core.parallel_state
 (ARCHITECTURE.md, "DeepSpeed with Megatron-core: what was checked").
 
-Expert parallelism: the MoC experts of this version hold all E experts on every rank (no EP
-all-to-all yet), so every parameter is data-parallel and reduced over the full DP group;
-`expert_model_parallel_size > 1` is refused by the trainer (pretrain.py) rather than half
-working.
+Expert parallelism follows DeepSpeed's MoE conventions: expert parameters carry
+`allreduce=False` and `group_name="ep_size_<EP>"` (moc/experts.py), `param_groups` splits them
+into their own AdamW groups (`split_params_into_different_moe_groups_for_optimizer`), and the
+MoC layer holds a `DeepSpeedExpertGroup` marker (parallel/expert_parallel.py) so the engine
+hands ZeRO the expert-data-parallel groups. ZeRO-1/2 then reduces and partitions expert
+gradients over those groups (sum over EDP / DP, the single-process mean) and the rest over DP.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Tuple
 
 import torch
-from megatron.core import parallel_state as ps
+from megatron_moc.parallel.groups import MegatronMPU
 
 # Parameters whose names contain one of these get no weight decay: gates are decisions, not
 # feature maps, and decaying them pulls routing / step / round / fusion choices toward uniform.
@@ -32,39 +34,6 @@ NO_DECAY_NAME_PARTS = ("norm", "bias", "router", "step_gate", "fuse_gate", "exp_
 NO_DECAY_EXACT_LEAF = ("mediator",)  # MediatorCombiner.mediator, the learned mediator vector
 
 
-class MegatronMPU:
-    """The `mpu` object DeepSpeed asks for, answered by megatron.core.parallel_state.
-
-    DeepSpeed reads data-parallel groups for gradient reduction and ZeRO partitioning, and
-    names checkpoint files with `get_model_parallel_rank/world_size`, which parallel_state lacks
-    (model parallel = tensor parallel here: pipeline parallelism is refused).
-    """
-
-    get_data_parallel_rank = staticmethod(ps.get_data_parallel_rank)
-    get_data_parallel_world_size = staticmethod(ps.get_data_parallel_world_size)
-    get_data_parallel_group = staticmethod(ps.get_data_parallel_group)
-    get_tensor_model_parallel_rank = staticmethod(ps.get_tensor_model_parallel_rank)
-    get_tensor_model_parallel_world_size = staticmethod(ps.get_tensor_model_parallel_world_size)
-    get_tensor_model_parallel_group = staticmethod(ps.get_tensor_model_parallel_group)
-    get_pipeline_model_parallel_rank = staticmethod(ps.get_pipeline_model_parallel_rank)
-    get_pipeline_model_parallel_world_size = staticmethod(
-        ps.get_pipeline_model_parallel_world_size)
-    get_pipeline_model_parallel_group = staticmethod(ps.get_pipeline_model_parallel_group)
-
-    @staticmethod
-    def get_model_parallel_rank() -> int:
-        return ps.get_tensor_model_parallel_rank()
-
-    @staticmethod
-    def get_model_parallel_world_size() -> int:
-        return ps.get_tensor_model_parallel_world_size()
-
-    @staticmethod
-    def get_model_parallel_group():
-        return ps.get_tensor_model_parallel_group()
-
-
-# ----------------------------------------------------------------------------- ds config
 @dataclass(frozen=True)
 class BatchPlan:
     micro_batch_size: int
@@ -99,6 +68,17 @@ def load_ds_config(path: str, micro_batch_size: int, global_batch_size: int,
     if stage >= 3:
         raise ValueError(f"{path}: ZeRO stage {stage} is not supported (MoC experts follow "
                          "DeepSpeed's MoE convention, which ZeRO-3 refuses); use ZeRO-1 or ZeRO-2")
+    # Non-finite steps are skipped by ZeRO-1/2's gradient-norm check (pretrain.train_step);
+    # refuse the settings under which DeepSpeed would apply a NaN/Inf update instead.
+    if stage == 0:
+        raise ValueError(f"{path}: ZeRO stage 0 is not supported (non-finite steps are skipped "
+                         "by ZeRO-1/2's gradient-norm check); use ZeRO-1 or ZeRO-2")
+    if ds.get("zero_optimization", {}).get("compute_grad_norm", True) is False:
+        raise ValueError(f"{path}: zero_optimization.compute_grad_norm=false turns off the "
+                         "check that skips non-finite steps; remove it")
+    if ds.get("bf16", {}).get("check_grad_overflow", True) is False:
+        raise ValueError(f"{path}: bf16.check_grad_overflow=false would apply NaN/Inf "
+                         "updates; remove it")
     if "optimizer" in ds or "scheduler" in ds:
         raise ValueError(f"{path}: remove the 'optimizer'/'scheduler' sections; the trainer "
                          "builds AdamW and the LR schedule from the recipe's train: section")
@@ -152,7 +132,14 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> List[Dict[str, 
             (no_decay if no_weight_decay(name, p) else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
               {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
-    return [g for g in groups if g["params"]]
+    groups = [g for g in groups if g["params"]]
+    if any(getattr(p, "allreduce", True) is False for g in groups for p in g["params"]):
+        # Expert-parallel params get their own groups (name = their EP group) for ZeRO.
+        from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+        groups = [g for g in split_params_into_different_moe_groups_for_optimizer(groups)
+                  if g["params"]]
+    return groups
 
 
 def warmup_cosine(step: int, warmup_iters: int, decay_iters: int, lr: float,
