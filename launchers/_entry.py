@@ -13,11 +13,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def run(recipe: str) -> None:
     """Run the pretraining entry point on `launchers/configs/<recipe>.yaml` with this process's
-    command-line arguments (overrides like train.lr=1e-3, --dry-run, --local_rank)."""
+    command-line arguments (overrides like train.lr=1e-3, --dry-run, --local_rank), plus the
+    EP / TP environment variables as the bash half reads them."""
     if ROOT not in sys.path:
         sys.path.insert(0, ROOT)
     os.chdir(ROOT)
     from megatron_moc.training.pretrain import main
 
     config = os.path.join(ROOT, "launchers", "configs", f"{recipe}.yaml")
-    main(["--config", config, *sys.argv[1:]])
+    sizes = [f"train.{key}={os.environ[var]}" for var, key in
+             (("EP", "expert_model_parallel_size"), ("TP", "tensor_model_parallel_size"))
+             if os.environ.get(var)]
+    main(["--config", config, *sys.argv[1:], *sizes])

@@ -47,6 +47,10 @@ class DeepSpeedExpertGroup(_DeepSpeedMoE):
         self.expert_group_name = group_name
         self.num_local_experts = 0
 
+    def set_deepspeed_parallelism(self, *args, **kwargs) -> None:
+        """DeepSpeed calls this to create the expert groups; parallel/groups.py already did
+        (same DeepSpeed function, before the model was built)."""
+
     def forward(self, *args, **kwargs):
         raise RuntimeError("DeepSpeedExpertGroup is a marker for DeepSpeed; it never runs")
 

@@ -123,3 +123,17 @@ def expert_data_parallel_rank(expert_parallel: int) -> int:
     if expert_parallel == 1:
         return ps.get_data_parallel_rank()
     return dist.get_rank(group=expert_data_parallel_group(expert_parallel))
+
+
+def destroy_groups() -> None:
+    """Forget Megatron's and DeepSpeed's groups (tests that change the layout in-process);
+    torch.distributed stays initialised."""
+    ps.destroy_model_parallel()
+    try:
+        from deepspeed.utils import groups as ds_groups
+    except ImportError:  # pragma: no cover
+        return
+    for registry in (ds_groups._EXPERT_PARALLEL_GROUP, ds_groups._EXPERT_DATA_PARALLEL_GROUP,
+                     ds_groups._EXPERT_PARALLEL_GROUP_RANKS,
+                     ds_groups._EXPERT_DATA_PARALLEL_GROUP_RANKS):
+        registry.clear()

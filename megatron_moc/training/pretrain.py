@@ -33,6 +33,8 @@ if os.environ.get("DS_ACCELERATOR") == "cpu":
 
 import torch
 
+from megatron_moc.training.atomic_checkpoint import CheckpointError
+
 
 @dataclass
 class TrainArgs:
@@ -58,6 +60,9 @@ class TrainArgs:
     save: str = "runs/default"
     save_interval: int = 500
     load: Optional[str] = None  # default: resume from `save` when it has a checkpoint
+    # Start (step 0, fresh optimizer) from the weights of a model directory, e.g. one written
+    # by tools/convert_from_hf.py; a checkpoint in `load`/`save` still resumes instead.
+    init_from: Optional[str] = None
     exit_interval: Optional[int] = None  # stop (after saving) once step % exit_interval == 0
     log_interval: int = 10
     tensorboard_dir: Optional[str] = None  # default: <save>/tensorboard
@@ -70,6 +75,21 @@ class TrainArgs:
     make_vocab_size_divisible_by: int = 128
     peak_tflops: Optional[float] = None  # MFU denominator; default: from the device name
     num_workers: int = 0
+    # Stage II, gate-only training (training/stage2.py): from `stage2_start_step` completed
+    # steps on (0: the whole run), only the adaptive gates train, at constant `stage2_lr`;
+    # `stage2_from` starts such a run from another run's checkpoint (weights only).
+    stage2_start_step: Optional[int] = None
+    stage2_lr: float = 1e-3
+    stage2_from: Optional[str] = None
+    # Fault tolerance (docs/reliability.md): checkpoint rotation, background commit, and how
+    # many non-finite steps in a row (each skipped without an update) stop the run.
+    keep_last: int = 0  # keep the newest N checkpoints; 0 keeps all
+    async_save: bool = False  # fsync / checksum / commit of a save in a background thread
+    max_consecutive_nonfinite: int = 10
+    # Fault injection, for the reliability tests only; never set these in a recipe.
+    debug_nan_grad_steps: List[int] = field(default_factory=list)  # rank 0: one NaN gradient
+    debug_inf_loss_steps: List[int] = field(default_factory=list)  # last rank: loss + inf
+    debug_enospc_save_step: Optional[int] = None  # rank 0's save at this step: disk full
 
 
 # ----------------------------------------------------------------------------- recipe
@@ -129,10 +149,18 @@ def _coerce(name: str, value, default):
     return value
 
 
+def _parallel_sizes(args: "TrainArgs") -> Dict[str, Any]:
+    """The model's parallel layout comes from the `train:` section (one place to set it)."""
+    tp, ep = args.tensor_model_parallel_size, args.expert_model_parallel_size
+    return dict(tensor_model_parallel_size=tp, expert_model_parallel_size=ep,
+                sequence_parallel=tp > 1)
+
+
 def model_config_from_recipe(model: Dict[str, Any], vocab_size: Optional[int], bf16: bool,
-                             source: str):
+                             source: str, parallel: Optional[Dict[str, Any]] = None):
     """MoCConfig of the `model:` section. Without `vocab_size` there, the tokenizer's,
-    padded (`vocab_size` argument). Unknown fields fail in MoCConfig.from_dict."""
+    padded (`vocab_size` argument). Unknown fields fail in MoCConfig.from_dict. `parallel`:
+    TP / EP / sequence-parallel sizes (from `train:`), which the model section may not set."""
     from megatron_moc.config import MoCConfig
 
     values = dict(model)
@@ -144,6 +172,11 @@ def model_config_from_recipe(model: Dict[str, Any], vocab_size: Optional[int], b
         raise ValueError(f"{source}: unknown model key {unknown[0]!r}; known fields: "
                          "MoCConfig.yaml_fields()")
     values["bf16"] = bf16
+    for key, value in (parallel or {}).items():
+        if key in model and model[key] != value:
+            raise ValueError(f"{source}: model.{key} is set by train.{key} (sequence_parallel: "
+                             "on with TP > 1); remove it from the model section")
+        values[key] = value
     return MoCConfig(**values, params_dtype=torch.bfloat16 if bf16 else torch.float32,
                      use_cpu_initialization=not torch.cuda.is_available())
 
@@ -213,17 +246,101 @@ def _init_distributed(args: TrainArgs) -> None:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 2000))
-    if args.expert_model_parallel_size != 1:
-        raise ValueError("train.expert_model_parallel_size: expert parallelism is not wired "
-                         "into the MoC layer yet (experts are replicated); use 1")
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and \
+            not torch.distributed.is_initialized():
+        _init_process_group_per_attempt()
     build_groups(args.tensor_model_parallel_size, args.expert_model_parallel_size)
 
 
+def _init_process_group_per_attempt() -> None:
+    """torchrun --max-restarts: with its default (static) rendezvous every attempt's workers
+    get the agent's TCPStore with no per-attempt prefix (torch 2.13), so a restarted worker
+    can read the dead attempt's gloo / NCCL addresses and fail to connect ("Connection
+    refused"). Each attempt gets its own key space; the groups made later inherit it."""
+    from datetime import timedelta
+
+    world = int(os.environ["WORLD_SIZE"])
+    store = torch.distributed.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                                       world, is_master=False, timeout=timedelta(minutes=30))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    store = torch.distributed.PrefixStore(f"megatron_moc/attempt_{attempt}/", store)
+    torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
+                                         store=store, rank=int(os.environ["RANK"]),
+                                         world_size=world)
+
+
+class NonFiniteError(RuntimeError):
+    """Too many non-finite steps in a row (train.max_consecutive_nonfinite)."""
+
+
+class _Faults:
+    """Fault injection for the reliability tests (docs/reliability.md), from the
+    `train.debug_*` keys; testing only. `step` is the step being computed (1-based)."""
+
+    def __init__(self, args: "TrainArgs"):
+        self.nan_grad_steps = {int(s) for s in args.debug_nan_grad_steps or ()}
+        self.inf_loss_steps = {int(s) for s in args.debug_inf_loss_steps or ()}
+        self.enospc_step = args.debug_enospc_save_step
+        self.rank = torch.distributed.get_rank()
+        self.world = torch.distributed.get_world_size()
+        self.step = 0
+
+    @classmethod
+    def from_args(cls, args: "TrainArgs") -> Optional["_Faults"]:
+        wanted = (args.debug_nan_grad_steps or args.debug_inf_loss_steps
+                  or args.debug_enospc_save_step is not None)
+        return cls(args) if wanted else None
+
+    def loss(self, total: torch.Tensor) -> torch.Tensor:
+        """Last rank, listed steps: an infinite loss whose gradient is still finite."""
+        if self.step in self.inf_loss_steps and self.rank == self.world - 1:
+            return total + float("inf")
+        return total
+
+    def poison_grad(self, model):
+        """Rank 0, listed steps: one NaN in the first parameter's gradient (the loss stays
+        finite). Returns the hook handle to remove after backward, or None."""
+        if self.step not in self.nan_grad_steps or self.rank != 0:
+            return None
+
+        def hook(grad):
+            grad = grad.clone()
+            grad.view(-1)[0] = float("nan")
+            return grad
+
+        return next(p for p in model.parameters() if p.requires_grad).register_hook(hook)
+
+    def before_save(self, engine, step: int) -> None:
+        """Rank 0, the listed step: DeepSpeed's first shard is cut to half its size and the
+        write fails with ENOSPC, as on a full disk."""
+        if step != self.enospc_step or self.rank != 0:
+            return
+        import errno
+
+        writer = engine.checkpoint_engine
+        original = writer.save
+
+        def save(state_dict, path):
+            original(state_dict, path)
+            os.truncate(path, os.path.getsize(path) // 2)
+            writer.save = original
+            raise OSError(errno.ENOSPC, "No space left on device (injected by "
+                          "train.debug_enospc_save_step)", path)
+
+        writer.save = save
+
+
 # ----------------------------------------------------------------------------- steps
-def train_step(engine, data_iter, grad_accum_steps: int, monitor) -> Dict[str, torch.Tensor]:
+def train_step(engine, data_iter, grad_accum_steps: int, monitor,
+               faults: Optional[_Faults] = None) -> Dict[str, torch.Tensor]:
     """One optimizer step: `grad_accum_steps` micro-batches through DeepSpeed (it scales the
     loss by 1/GAS in backward and steps the optimizer at the accumulation boundary).
-    Returns device tensors (mean total / ce / aux over the micro-batches); no host sync."""
+    Returns device tensors (mean total / ce / aux over the micro-batches); no host sync.
+
+    A step whose loss or gradient norm is not finite makes no update: ZeRO-1/2 computes the
+    global gradient norm (all-reduced over DP and TP) before stepping and, when it is NaN/Inf,
+    zeroes the gradients, leaves weights, optimizer state and LR schedule alone and counts
+    `engine.skipped_steps` (load_ds_config refuses the settings that would turn this off)."""
     model = engine.module
     sums = torch.zeros(3, device=_device())
     for micro in range(grad_accum_steps):
@@ -231,7 +348,17 @@ def train_step(engine, data_iter, grad_accum_steps: int, monitor) -> Dict[str, t
         # engine.module directly: DeepSpeed's forward only adds autocast (unused) for ZeRO-1/2.
         total, ce, aux = model.lm_loss(batch["tokens"], batch["labels"], batch["loss_mask"],
                                        batch["position_ids"])
-        engine.backward(total)
+        if faults is not None:
+            total = faults.loss(total)
+        # A non-finite loss must make no update even where its gradient is finite (an inf
+        # constant term): ×NaN makes every gradient it reaches NaN (NaN·0 = NaN), which the
+        # gradient-norm check above then skips on every rank. ×1.0 otherwise: the same
+        # gradients bit for bit, and no host sync.
+        guard = torch.where(torch.isfinite(total.detach()), 1.0, float("nan"))
+        hook = faults.poison_grad(model) if faults is not None else None
+        engine.backward(total * guard)
+        if hook is not None:
+            hook.remove()
         # DeepSpeed counts micro-steps itself; ours must agree or the optimizer steps early.
         assert engine.is_gradient_accumulation_boundary() == (micro == grad_accum_steps - 1)
         engine.step()
@@ -324,7 +451,8 @@ def pretrain(recipe: Dict[str, Dict[str, Any]], source: str = "config") -> Dict[
         raise ValueError(f"{source}: train.data_path is empty: give dataset prefixes")
     tokenizer = build_tokenizer(args.tokenizer)
     vocab = padded_vocab(tokenizer.vocab_size, args.make_vocab_size_divisible_by)
-    cfg = model_config_from_recipe(recipe["model"], vocab, bf16, source)
+    cfg = model_config_from_recipe(recipe["model"], vocab, bf16, source,
+                                   parallel=_parallel_sizes(args))
     if cfg.vocab_size < tokenizer.vocab_size:
         raise ValueError(f"{source}: model.vocab_size {cfg.vocab_size} < tokenizer "
                          f"{args.tokenizer} vocabulary {tokenizer.vocab_size}")
@@ -342,24 +470,43 @@ def pretrain(recipe: Dict[str, Dict[str, Any]], source: str = "config") -> Dict[
                               args.train_iters, args.global_batch_size, args.eval_iters,
                               args.eval_interval, args.save)
 
-    # ---- model and engine
-    model = build_model(cfg)
-    if torch.cuda.is_available():
-        model = model.cuda()
-    engine = setup_engine(model, ds_config, args.lr, args.min_lr, args.warmup_iters,
-                          args.lr_decay_iters or args.train_iters, args.weight_decay,
-                          betas=(args.adam_beta1, args.adam_beta2))
+    # ---- model and engine (or, in Stage II, the gate-only engine: training/stage2.py)
+    from megatron_moc.training import stage2
+
+    stage2.check_args(args, cfg, source)
+    gate_only, stage2_weights, stage2_resume = stage2.engine_plan(args, args.load or args.save)
+    if gate_only:
+        engine = stage2.build_gate_only_engine(cfg, ds_config, args, weights_from=stage2_weights)
+    else:
+        model = build_model(cfg)
+        if args.init_from:  # before the engine: DeepSpeed copies the weights it is given
+            from megatron_moc.training.checkpoint_reader import load_init_weights
+
+            load_init_weights(model, cfg, args.init_from)
+        if torch.cuda.is_available():
+            model = model.cuda()
+        engine = setup_engine(model, ds_config, args.lr, args.min_lr, args.warmup_iters,
+                              args.lr_decay_iters or args.train_iters, args.weight_decay,
+                              betas=(args.adam_beta1, args.adam_beta2))
     resolved = {"model": cfg.to_dict(), "train": dataclasses.asdict(args)}
 
     # ---- resume
     step = 0
     load_dir = args.load or args.save
-    if args.load and ckpt.latest_tag(args.load) is None:
-        raise ValueError(f"train.load: no checkpoint in {args.load} (no 'latest' file)")
-    state = ckpt.load_checkpoint(engine, load_dir) if ckpt.latest_tag(load_dir) else None
+    if args.load and not ckpt.atomic.candidate_tags(args.load):
+        raise ValueError(f"train.load: no checkpoint in {args.load}")
+    if stage2_resume:  # this run's full-model checkpoint at the Stage II start: weights taken
+        state = stage2.load_trainer_state(stage2_weights)
+    else:
+        # Auto-resume: the newest checkpoint that verifies; damaged ones are named and skipped.
+        state = ckpt.load_checkpoint(engine, load_dir, cfg)
+    nonfinite_total = nonfinite_run = 0
     if state is not None:
         step = int(state["step"])
-        _print0(f"resumed from {load_dir} at step {step}")
+        nonfinite_total = int(state.get("nonfinite_steps", 0))
+        nonfinite_run = int(state.get("nonfinite_in_a_row", 0))
+        _print0(f"resumed from {load_dir} at step {step}"
+                + (f" ({state['tag']})" if "tag" in state else ""))
 
     # ---- logs
     tb_dir = args.tensorboard_dir or os.path.join(args.save, "tensorboard")
@@ -373,7 +520,7 @@ def pretrain(recipe: Dict[str, Dict[str, Any]], source: str = "config") -> Dict[
     from megatron_moc.model.params import count_model_parameters
 
     counts = count_model_parameters(engine.module, cfg.num_moe_experts or 0,
-                                    cfg.moe_router_topk if cfg.has_experts else 0)
+                                    cfg.experts_per_token)
     _print0(f"model {cfg.moc_model_kind}: {counts}; {flops_per_token / 1e9:.3f} GFLOPs/token; "
             f"world {world} (DP {dp_size}, TP {args.tensor_model_parallel_size}), micro "
             f"{plan.micro_batch_size} × grad accum {plan.grad_accum_steps} × DP {dp_size} = "
@@ -392,9 +539,31 @@ def pretrain(recipe: Dict[str, Dict[str, Any]], source: str = "config") -> Dict[
     logger.start(step)
     valid_loss = None
     saved_at = None
+    faults = _Faults.from_args(args)
+
+    def save_kwargs():
+        return {"keep_last": args.keep_last, "async_save": args.async_save,
+                "trainer_extra": {"nonfinite_steps": nonfinite_total,
+                                  "nonfinite_in_a_row": nonfinite_run}}
+
     while step < args.train_iters:
-        means = train_step(engine, data_iter, plan.grad_accum_steps, monitor)
+        if not gate_only and stage2.active(args, step):
+            engine, gate_only = stage2.enter(engine, cfg, ds_config, args), True
+            _print0(f"Stage II from step {step + 1}: only the adaptive gates train, "
+                    f"lr {args.stage2_lr}")
+        engine.module.set_train_progress(step + 1, args.train_iters)  # gate entropy β
+        if faults is not None:
+            faults.step = step + 1
+        skipped_before = engine.skipped_steps
+        means = train_step(engine, data_iter, plan.grad_accum_steps, monitor, faults)
         step += 1
+        if engine.skipped_steps != skipped_before:  # a Python int: no extra host sync
+            nonfinite_total, nonfinite_run = nonfinite_total + 1, nonfinite_run + 1
+            _print0(f"step {step}: non-finite loss or gradient norm (loss {float(means[0]):.4g} "
+                    f"on rank 0, grad norm {engine.get_global_grad_norm()}): no optimizer "
+                    f"update; {nonfinite_run} in a row, {nonfinite_total} in all")
+        else:
+            nonfinite_run = 0
         if step % args.log_interval == 0 or step == args.train_iters:
             torch.distributed.all_reduce(means, group=_dp_group())
             means = (means / dp_size).tolist()
@@ -402,10 +571,19 @@ def pretrain(recipe: Dict[str, Dict[str, Any]], source: str = "config") -> Dict[
             values = {"loss": means[0], "ce": means[1], "aux": means[2],
                       "lr": engine.get_lr()[0],
                       "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                      "consumed_samples": step * args.global_batch_size}
+                      "consumed_samples": step * args.global_batch_size,
+                      "skipped_steps": nonfinite_total}
             routing = monitor.read(_dp_group()) if monitor is not None else []
             logger.log_train(step, values, tokens_per_step, flops_per_token, peak, world,
                              routing)
+        if nonfinite_run >= args.max_consecutive_nonfinite:
+            ckpt.wait_for_pending_save()
+            logger.close()
+            raise NonFiniteError(
+                f"{nonfinite_run} non-finite steps in a row (steps {step - nonfinite_run + 1}.."
+                f"{step}, train.max_consecutive_nonfinite={args.max_consecutive_nonfinite}): "
+                f"stopping without saving; checkpoint {ckpt.latest_tag(args.save)!r} in "
+                f"{args.save} is untouched")
         if args.eval_interval > 0 and (step % args.eval_interval == 0
                                        or step == args.train_iters) and datasets.valid is not None:
             valid_loss = evaluate(engine, datasets.valid, args, dp_rank, dp_size, plan)
@@ -413,15 +591,20 @@ def pretrain(recipe: Dict[str, Dict[str, Any]], source: str = "config") -> Dict[
         stop = sigterm.any_rank()
         exit_now = bool(args.exit_interval) and step % args.exit_interval == 0
         if stop or exit_now or step % args.save_interval == 0 or step == args.train_iters:
+            if faults is not None:
+                faults.before_save(engine, step)
             path = ckpt.save_checkpoint(engine, args.save, step, step * args.global_batch_size,
-                                        cfg, resolved)
+                                        cfg, resolved, **save_kwargs())
             saved_at = step
-            _print0(f"saved checkpoint {path}")
+            _print0(f"saved checkpoint {path}"
+                    + (" (committing in the background)" if args.async_save else ""))
         if stop or exit_now:
             _print0(f"{'SIGTERM' if stop else 'exit_interval'}: stopping at step {step}")
             break
     if saved_at != step:
-        ckpt.save_checkpoint(engine, args.save, step, step * args.global_batch_size, cfg, resolved)
+        ckpt.save_checkpoint(engine, args.save, step, step * args.global_batch_size, cfg, resolved,
+                             **save_kwargs())
+    ckpt.wait_for_pending_save()
     logger.close()
     if _rank0():
         print(f"done at step {step}. checkpoints: {os.path.abspath(args.save)} | "
@@ -452,6 +635,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     except ValueError as err:  # user input: one clear line, no traceback
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except (NonFiniteError, CheckpointError) as err:  # a fault the run stops on, said in one line
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(1)
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

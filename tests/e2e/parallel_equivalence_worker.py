@@ -10,7 +10,7 @@
         experts), runs its DP rank's micro-batch, reduces gradients the way DeepSpeed ZeRO does
         (non-expert: mean over DP; expert: sum over expert-data-parallel / DP), and compares
         logits, loss and every gradient with the reference (fp32, rtol 1e-5).
-    torchrun --nproc_per_node 2 parallel_equivalence_worker.py zero _ --ep 2
+    torchrun --nproc_per_node 2 parallel_equivalence_worker.py zero _ --ep 2  (or a case zero:2)
         the expert all-to-all alone where EP rank 1 receives no rows at all and, in a second
         call, where rank 1 sends none (every pair dropped): output and gradients against
         one process running all experts on the same rows.
@@ -105,6 +105,7 @@ def parallel(ref_path: str, tp: int, ep: int) -> None:
     from megatron_moc.parallel.cpu_compat import enable_cpu_compat, seed_everything
 
     enable_cpu_compat()
+    groups.destroy_groups() if dist.is_initialized() else None
     groups.build_groups(tp, ep, backend="gloo")
     seed_everything(99)  # a different init: the reference weights must replace all of it
     ref = torch.load(ref_path, weights_only=True)
@@ -155,6 +156,7 @@ def zero_rows(ep: int) -> None:
     from megatron_moc.parallel.expert_parallel import run_experts_all_to_all
 
     enable_cpu_compat()
+    groups.destroy_groups() if dist.is_initialized() else None
     groups.build_groups(1, ep, backend="gloo")
     rank = dist.get_rank()
     cfg = make_config("moc", drops=True)
@@ -202,10 +204,54 @@ def zero_rows(ep: int) -> None:
         print(f"rank {rank} OK: {case} (sent {kept} rows)", flush=True)
 
 
+def logits_from_checkpoint(save_dir: str, out: str, ep: int) -> None:
+    """Load the newest checkpoint of `save_dir` at expert-parallel size `ep` through the
+    trainer's own path (DeepSpeed engine + training/checkpoint.py) and save rank 0's logits on
+    a fixed batch, plus the LR the schedule is at."""
+    import yaml
+
+    from megatron_moc.config import MoCConfig
+    from megatron_moc.model.gpt import build_model
+    from megatron_moc.parallel import groups
+    from megatron_moc.parallel.cpu_compat import enable_cpu_compat, seed_everything
+    from megatron_moc.training import checkpoint as ckpt
+    from megatron_moc.training.engine import load_ds_config, setup_engine
+    from megatron.core import parallel_state as ps
+
+    enable_cpu_compat()
+    groups.build_groups(1, ep, backend="gloo")
+    seed_everything(3)
+    tag = ckpt.find_checkpoint(save_dir)
+    with open(os.path.join(save_dir, tag, "config.yaml")) as f:
+        values = yaml.safe_load(f)
+    with open(os.path.join(save_dir, tag, "recipe.yaml")) as f:
+        train = yaml.safe_load(f)["train"]
+    values["expert_model_parallel_size"] = ep
+    cfg = MoCConfig(**values, params_dtype=torch.float32, use_cpu_initialization=True)
+    model = build_model(cfg)
+    dp = ps.get_data_parallel_world_size()  # batch sizes do not matter for loading
+    ds_config, _ = load_ds_config(os.path.join(ROOT, train["ds_config"]), 1, dp, dp,
+                                  train["clip_grad"])
+    engine = setup_engine(model, ds_config, train["lr"], train["min_lr"], train["warmup_iters"],
+                          train["train_iters"], train["weight_decay"])
+    state = ckpt.load_checkpoint(engine, save_dir, cfg)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    pos = torch.arange(32).unsqueeze(0).expand_as(tokens)
+    model.eval()
+    with torch.no_grad():
+        logits = model(tokens, pos, None)
+    if dist.get_rank() == 0:
+        torch.save({"logits": logits, "step": state["step"],
+                    "lr": engine.optimizer.param_groups[0]["lr"]}, out)
+    print(f"rank {dist.get_rank()} OK: loaded {tag} at EP {ep}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=["reference", "parallel", "zero"])
-    ap.add_argument("path")
+    ap.add_argument("mode", choices=["reference", "parallel", "zero", "logits"])
+    ap.add_argument("--out", default=None)
+    ap.add_argument("path", help="reference file; for `parallel`, REF:TP:EP[,REF:TP:EP...] "
+                    "runs the cases one after another in the same ranks")
     ap.add_argument("--dp", type=int, default=1)
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--ep", type=int, default=1)
@@ -213,11 +259,21 @@ def main() -> None:
     ap.add_argument("--drops", action="store_true")
     args = ap.parse_args()
     if args.mode == "reference":
-        reference(args.path, args.dp, args.kind, args.drops)
+        for case in args.path.split(","):  # OUT[:DP:KIND:drops] ..., one process for all
+            out, dp, kind, drops = (case.split(":") + [None] * 3)[:4]
+            reference(out, int(dp or args.dp), kind or args.kind,
+                      args.drops if drops is None else drops == "drops")
+    elif args.mode == "logits":
+        logits_from_checkpoint(args.path, args.out, args.ep)
     elif args.mode == "zero":
         zero_rows(args.ep)
     else:
-        parallel(args.path, args.tp, args.ep)
+        for case in args.path.split(","):  # REF:TP:EP or zero:EP
+            if case.startswith("zero:"):
+                zero_rows(int(case.split(":")[1]))
+                continue
+            ref, tp, ep = case.rsplit(":", 2) if case.count(":") >= 2 else (case, args.tp, args.ep)
+            parallel(ref, int(tp), int(ep))
 
 
 if __name__ == "__main__":

@@ -27,3 +27,15 @@ def test_dry_run_through_python_and_bash():
         out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, out.stderr[-2000:]
         assert "total 1040.3M, active per token 435.9M" in out.stdout
+
+
+@pytest.mark.slow
+def test_launcher_takes_ep_and_tp_sizes():
+    script = os.path.join(ROOT, "launchers", "pretrain_moc_1b.sh")
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
+    env.update(CUDA_VISIBLE_DEVICES="", EP="8", TP="2")
+    for cmd in (["bash", script, "--dry-run"],):  # (the Python half: _entry.run, same vars)
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert "expert_model_parallel_size: 8" in out.stdout
+        assert "tensor_model_parallel_size: 2" in out.stdout
