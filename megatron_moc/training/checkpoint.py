@@ -205,8 +205,9 @@ def save_checkpoint(engine, save_dir: str, step: int, consumed_samples: int, mod
         # `num_experts` as DeepSpeed writes it for MoE models: an EP = 1 checkpoint then
         # loads into an expert-parallel engine too (DeepSpeed reads the key there).
         client = {"trainer": state}
-        if not engine.has_moe_layers:  # (with EP > 1 DeepSpeed writes it itself)
-            client["num_experts"] = [m.num_experts for m in engine.module.moc_layers()]
+        if not getattr(engine, "has_moe_layers", False):  # (EP > 1: DeepSpeed writes it)
+            layers = getattr(engine.module, "moc_layers", list)()
+            client["num_experts"] = [m.num_experts for m in layers]
         engine.save_checkpoint(save_dir, tag=os.path.basename(stage), client_state=client,
                                save_latest=False)
         save_expert_shards(engine.module, stage)  # EP > 1: each expert once, global index
