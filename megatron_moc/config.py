@@ -34,6 +34,7 @@ MODEL_KINDS = ("dense", "irl_only", "moe", "collab_only", "moc", "moc_v1")
 EXPERT_KINDS = ("moe", "collab_only", "moc", "moc_v1")
 ADAPTIVE_MODES = ("soft", "hard")
 EXPERT_BACKENDS = ("auto", "triton", "grouped_mm", "loop")
+RECOMPUTE_CHOICES = ("none", "mediator", "experts", "all")
 
 # Fields a YAML file may set. Megatron's TransformerConfig has ~400 fields; a recipe sets
 # the few below, anything else is refused so a typo never passes silently.
@@ -112,6 +113,13 @@ class MoCConfig(TransformerConfig):
     moc_value_rank: int = 0
     # Systems.
     moc_expert_backend: str = "auto"
+    # torch.compile the MoC stages (router, IRL experts, mediator), the norms and the loss;
+    # Megatron's attention glue stays eager (model/compile.py). Speed only: same math.
+    moc_compile: bool = False
+    # Activation recompute inside the MoC layer: "none", "mediator" (each mediator round is
+    # recomputed in backward), "experts" (each IRL step's norm + gate work; the grouped MLP
+    # keeps its own saved tensors), "all" (both). Memory only: same math.
+    moc_recompute: str = "none"
     # Research variants. Gate entropy regularization: aux += -β·H(q) for every adaptive gate;
     # β = β_0 (`coeff`) for the first `warmup_frac` of training, then linear to `final` at the
     # last step. β_0 = 0 switches the term off (the research branch used 0.1 -> 0.05, 0.1).
@@ -167,6 +175,9 @@ class MoCConfig(TransformerConfig):
         if self.moc_adaptive_mode not in ADAPTIVE_MODES:
             bad("moc_adaptive_mode", f"unknown adaptive mode {self.moc_adaptive_mode!r}; "
                 f"choose one of {ADAPTIVE_MODES}")
+        if self.moc_recompute not in RECOMPUTE_CHOICES:
+            bad("moc_recompute", f"unknown choice {self.moc_recompute!r}; "
+                f"choose one of {RECOMPUTE_CHOICES}")
         if self.moc_expert_backend not in EXPERT_BACKENDS:
             bad("moc_expert_backend", f"unknown backend {self.moc_expert_backend!r}; "
                 f"choose one of {EXPERT_BACKENDS}")

@@ -14,6 +14,10 @@ Parallelism: with EP > 1 the experts of this rank are E / EP of them and the kep
 them by all-to-all (parallel/expert_parallel.py). Under tensor + sequence parallelism the layer
 gathers the micro-batch's tokens and runs whole on each TP rank (the TP ranks repeat the MoC
 work: simple and exact; MoC models at 1-2B rarely need TP), then keeps its own s/TP slice.
+
+Research variant "Gate entropy regularization" (MOC_MATH.md): with moc_gate_entropy_coeff > 0
+the aux loss gets −β·(H of the step gates over kept pairs + H of the round gate over tokens);
+β is `gate_entropy_beta`, set by the trainer each step through `set_train_progress`.
 """
 
 from dataclasses import dataclass

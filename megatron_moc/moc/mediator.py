@@ -17,9 +17,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from megatron_moc.model.norm import RMSNorm
-from megatron_moc.moc.adaptive import step_activity
+from megatron_moc.moc.adaptive import gate_entropy, step_activity
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,10 @@ class WeightedSumCombiner(nn.Module):
         zero = x_ND.new_zeros((), dtype=torch.float32)
         ws = weighted_sum(states_NKD, fusion_weights(probs_NK, keep_NK))
         return CombineResult(fused_ND=ws, aux_loss=zero, avg_rounds=zero, mean_gamma=zero)
+
+    def gate_entropy(self, x_ND):
+        """No round gate: 0 (the gate entropy term of a non-adaptive gate)."""
+        return x_ND.new_zeros((), dtype=torch.float64 if x_ND.dtype == torch.float64 else torch.float32)
 
 
 def _linear(config, d_in: int, d_out: int, bias: bool = False) -> nn.Linear:
@@ -121,6 +126,17 @@ class MediatorCombiner(nn.Module):
         new_states = (states_NKD + gate_NK1 * feedback_ND.unsqueeze(1)) * keep_NK.unsqueeze(-1).to(states_NKD.dtype)
         return new_mediator, new_states
 
+    def gate_entropy(self, x_ND):
+        """Mean over all N tokens (the rows the gate sees, as the round penalty) of H(q) of
+        the round gate, fp32 0-dim; 0 without an adaptive round gate (MOC_MATH.md "Gate
+        entropy regularization": one term per layer)."""
+        dt = torch.float64 if x_ND.dtype == torch.float64 else torch.float32
+        if self.collab_step_gate is None:
+            return x_ND.new_zeros((), dtype=dt)
+        logits = F.linear(x_ND.to(dt), self.collab_step_gate.weight.to(dt),
+                          self.collab_step_gate.bias.to(dt))
+        return gate_entropy(logits, self.config.moc_round_gate_temperature).mean()
+
     def round_activity(self, x_ND, any_kept_N):
         """c_r [N, R] and E[rounds] [N] (fp32); c_r = 0 for tokens with nothing kept."""
         cfg, N, R = self.config, x_ND.shape[0], self.rounds
@@ -144,8 +160,14 @@ class MediatorCombiner(nn.Module):
         else:
             mediator = weighted_sum(states_NKD, w_NK) + context
         activity_NR, expected_N = self.round_activity(x_ND, any_kept)
+        # moc_recompute: keep each round's inputs only and rerun the round in backward.
+        recompute = cfg.moc_recompute in ("mediator", "all") and torch.is_grad_enabled()
         for r in range(self.rounds):
-            new_mediator, new_states = self.round(mediator, states_NKD, keep_NK)
+            if recompute:
+                new_mediator, new_states = checkpoint(self.round, mediator, states_NKD, keep_NK,
+                                                      use_reentrant=False)
+            else:
+                new_mediator, new_states = self.round(mediator, states_NKD, keep_NK)
             c = activity_NR[:, r:r + 1].to(states_NKD.dtype)
             mediator = mediator + c * (new_mediator - mediator)
             states_NKD = states_NKD + c.unsqueeze(-1) * (new_states - states_NKD)

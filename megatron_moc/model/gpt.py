@@ -20,6 +20,18 @@ MOC_LAYER_TYPES = (MoCLayer, MoCV1Layer)
 
 
 class MoCGPTModel(GPTModel):
+    # Set by model/compile.py (`moc_compile`): the per-token CE runs compiled (TP = 1 only;
+    # with TP the logits are vocab-sharded and Megatron's vocab-parallel CE runs).
+    compile_loss = False
+
+    def compute_language_model_loss(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """Per-token CE [b, s] from logits [s, b, V] (Megatron's contract)."""
+        if self.compile_loss and self.config.tensor_model_parallel_size == 1:
+            from megatron_moc.model.compile import compiled_token_cross_entropy
+
+            return compiled_token_cross_entropy(logits, labels)
+        return super().compute_language_model_loss(labels, logits)
+
     def moc_layers(self) -> List[MoCLayer]:
         return [m for m in self.modules() if isinstance(m, MOC_LAYER_TYPES)]
 
@@ -95,4 +107,8 @@ def build_model(config, pre_process: bool = True, post_process: bool = True) -> 
     )
     if config.sequence_parallel and config.tensor_model_parallel_size > 1:
         sum_sequence_parallel_grads_over_tp(model)
+    if config.moc_compile:
+        from megatron_moc.model.compile import compile_regions
+
+        compile_regions(model)
     return model

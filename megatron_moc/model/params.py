@@ -46,5 +46,4 @@ def count_parameters(config) -> ParamCount:
     (a world of one is fine: `parallel.groups.init_single_process`)."""
     with torch.device("meta"):
         model = build_model(config)
-    return count_model_parameters(model, config.num_moe_experts or 0,
-                                  config.moe_router_topk if config.has_experts else 0)
+    return count_model_parameters(model, config.num_moe_experts or 0, config.experts_per_token)

@@ -4,6 +4,8 @@
     moe                attention + MoCLayer(router, IRL experts S=1, WeightedSumCombiner)
     collab_only / moc  attention + MoCLayer(router, IRL experts, MediatorCombiner)
                        (R = 0 has no mediator rounds: WeightedSumCombiner, as the research)
+    moc_v1             attention + MoCV1Layer (research variant: all experts, attention router
+                       and fusion; moc/v1.py)
 
 Attention is Megatron's SelfAttention with our SDPA core attention and RMSNorm (QK-norm on).
 """
@@ -22,6 +24,7 @@ from megatron_moc.moc.experts import IRLExperts, IRLFeedForward
 from megatron_moc.moc.layer import MoCLayer, MoCSubmodules
 from megatron_moc.moc.mediator import MediatorCombiner, WeightedSumCombiner
 from megatron_moc.moc.router import TopKRouter
+from megatron_moc.moc.v1 import MoCV1Layer
 
 
 def get_moc_mlp_spec(config) -> ModuleSpec:
@@ -29,6 +32,8 @@ def get_moc_mlp_spec(config) -> ModuleSpec:
     kind = config.moc_model_kind
     if kind in ("dense", "irl_only"):
         return ModuleSpec(module=IRLFeedForward)
+    if kind == "moc_v1":
+        return ModuleSpec(module=MoCV1Layer)
     with_mediator = kind in ("moc", "collab_only") and config.moc_collab_rounds > 0
     return ModuleSpec(module=MoCLayer, submodules=MoCSubmodules(
         router=TopKRouter, experts=IRLExperts,

@@ -35,6 +35,8 @@ def model_flops_per_token(cfg, seq_len: int) -> float:
                     evaluated for every row, as experts.py does) + o_proj D·D
         mediator    context D² + R · (q D² + K·(k + v) + 2·D² MLP + feedback D² + K·D gate
                     + 2·K·D scores/values) + round gate D·(R+1) + fusion gate D
+        MoC v1      all E experts E·3·D·F, router and fusion attentions, W_r, FFN_c, o_proj
+                    (`moc.v1.v1_flops_params_per_token`)
     plus the output projection D·V (tied embedding; the input lookup is free), and
     attention scores + values 2·seq·D per layer (as matmul-parameter equivalents).
     """
@@ -42,7 +44,11 @@ def model_flops_per_token(cfg, seq_len: int) -> float:
     kv = cfg.num_query_groups * cfg.head_dim
     S = cfg.moc_irl_steps
     attn = D * (D + 2 * kv) + D * D
-    if cfg.has_experts:
+    if cfg.moc_model_kind == "moc_v1":  # all E experts + two attentions (moc/v1.py)
+        from megatron_moc.moc.v1 import v1_flops_params_per_token
+
+        ffn = v1_flops_params_per_token(cfg)
+    elif cfg.has_experts:
         E, K = cfg.num_moe_experts, cfg.moe_router_topk
         F = cfg.moe_ffn_hidden_size or cfg.ffn_hidden_size
         ffn = D * E + K * S * 3 * D * F + D * D
@@ -91,7 +97,8 @@ def gini(hist: torch.Tensor) -> float:
 class RoutingMonitor:
     """Sums each MoC layer's RoutingStats over the micro-batches of a log interval, on device."""
 
-    SCALARS = ("drop_rate", "router_entropy", "avg_steps", "avg_rounds", "mean_gamma")
+    SCALARS = ("drop_rate", "router_entropy", "avg_steps", "avg_rounds", "mean_gamma",
+               "step_gate_entropy", "round_gate_entropy", "gate_entropy_beta")
 
     def __init__(self, dead_window: int = 3):
         self.sums: Optional[List[torch.Tensor]] = None
@@ -193,10 +200,13 @@ class TrainLogger:
                 f"ETA {_fmt_seconds(eta)}")
         print(line, flush=True)
         for i, r in enumerate(routing):
+            gate_h = (f" | gate H steps {r['step_gate_entropy']:.3f} rounds "
+                      f"{r['round_gate_entropy']:.3f} beta {r['gate_entropy_beta']:.4f}"
+                      if r.get("gate_entropy_beta") else "")
             print(f"    layer {i:>2}: gini {r['gini']:.3f} dead {r['dead_experts']} drop "
                   f"{r['drop_rate']:.3f} entropy {r['router_entropy']:.3f} steps "
-                  f"{r['avg_steps']:.2f} rounds {r['avg_rounds']:.2f} gamma {r['mean_gamma']:.3f}",
-                  flush=True)
+                  f"{r['avg_steps']:.2f} rounds {r['avg_rounds']:.2f} gamma {r['mean_gamma']:.3f}"
+                  f"{gate_h}", flush=True)
         flat = {f"train/{k}": v for k, v in values.items()}
         for i, r in enumerate(routing):
             flat.update({f"routing/layer{i:02d}/{k}": v for k, v in r.items()})
