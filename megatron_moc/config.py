@@ -226,9 +226,6 @@ class MoCConfig(TransformerConfig):
         if not 0.0 <= self.moc_gate_entropy_warmup_frac <= 1.0:
             bad("moc_gate_entropy_warmup_frac",
                 f"must be in [0, 1], got {self.moc_gate_entropy_warmup_frac}")
-        if self.gate_entropy_on and self.expert_model_parallel_size > 1:
-            bad("moc_gate_entropy_coeff", "gate entropy regularization is not wired through "
-                "the expert-parallel all-to-all yet; use expert_model_parallel_size 1 or 0.0")
         if self.moc_v1_router_temperature <= 0:
             bad("moc_v1_router_temperature", f"must be > 0, got {self.moc_v1_router_temperature}")
         if self.moc_model_kind == "moc_v1":

@@ -115,8 +115,9 @@ class MoCLayer(nn.Module):
         if self.expert_parallel > 1:
             from megatron_moc.parallel.expert_parallel import run_experts_all_to_all
 
-            h_PD, expected_steps_P = run_experts_all_to_all(
-                self.experts, dispatch(x_ND, plan), plan.offsets_E1, self.ep_group)
+            h_PD, expected_steps_P, gate_entropy_P = run_experts_all_to_all(
+                self.experts, dispatch(x_ND, plan), plan.offsets_E1, self.ep_group,
+                gate_entropy=self.config.gate_entropy_on)
         else:
             h_PD, expected_steps_P = self.experts(dispatch(x_ND, plan), plan.expert_P,
                                                   plan.offsets_E1)
@@ -135,8 +136,9 @@ class MoCLayer(nn.Module):
         if self.config.gate_entropy_on:  # research variant; off: nothing built or added
             # aux -= β·(H of the step gates, kept pairs weighted as the step penalty
             #          + H of the round gate over tokens)
-            h_steps = (self.experts.gate_entropy(dispatch(x_ND, plan), plan.expert_P)
-                       * kept_rows).sum() / num_kept
+            if self.expert_parallel == 1:  # (with EP it came back with the expert rows)
+                gate_entropy_P = self.experts.gate_entropy(dispatch(x_ND, plan), plan.expert_P)
+            h_steps = (gate_entropy_P * kept_rows).sum() / num_kept
             gate_h = (h_steps, self.combiner.gate_entropy(x_ND))
             self.last_aux_loss = self.last_aux_loss - self.gate_entropy_beta * (gate_h[0] + gate_h[1])
         self.last_stats = self._stats(routing, plan, avg_steps, result, gate_h)

@@ -19,7 +19,7 @@ experts that receive no rows are ordinary (zero-size splits, empty expert groups
 The autograd all-to-all is megatron-core's (`tensor_parallel.mappings.all_to_all`).
 """
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -64,13 +64,16 @@ def exchange_counts(counts_E: torch.Tensor, group) -> torch.Tensor:
     return received.view(ep, -1)
 
 
-def run_experts_all_to_all(experts, x_PD: torch.Tensor, offsets_E1: torch.Tensor, group
-                           ) -> Tuple[torch.Tensor, torch.Tensor]:
+def run_experts_all_to_all(experts, x_PD: torch.Tensor, offsets_E1: torch.Tensor, group,
+                           gate_entropy: bool = False
+                           ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """Run `experts` (this rank's L experts) on the kept rows of every rank in the EP group.
 
     x_PD: rows sorted by global expert, kept rows first (dispatch.plan_dispatch order);
     offsets_E1: int64 [E+1] kept-row offsets per global expert.
-    Returns (h_PD, expected_steps_P) in x_PD's row order, zeros on the dropped rows."""
+    Returns (h_PD, expected_steps_P, gate_entropy_P or None) in x_PD's row order, zeros on
+    the dropped rows. `gate_entropy`: also each row's step-gate entropy (research variant),
+    computed where the row's expert (and its gate) lives."""
     ep = dist.get_world_size(group)
     num_local = experts.num_experts
     counts_E = offsets_E1[1:] - offsets_E1[:-1]
@@ -91,13 +94,19 @@ def run_experts_all_to_all(experts, x_PD: torch.Tensor, offsets_E1: torch.Tensor
     order_R = torch.argsort(expert_R, stable=True)
     local_counts = recv_EL.sum(0)
     local_offsets = torch.cat([local_counts.new_zeros(1), torch.cumsum(local_counts, 0)])
-    h_local, steps_local = experts(x_recv.index_select(0, order_R), expert_R.index_select(0, order_R),
-                                   local_offsets)
+    x_local, expert_local = x_recv.index_select(0, order_R), expert_R.index_select(0, order_R)
+    h_local, steps_local = experts(x_local, expert_local, local_offsets)
+    per_row = [steps_local]
+    if gate_entropy:
+        per_row.append(experts.gate_entropy(x_local, expert_local))
     unorder_R = torch.argsort(order_R)
-    h_back = all_to_all(group, h_local.index_select(0, unorder_R), send_splits, recv_splits)
-    steps_back = all_to_all(group, steps_local.index_select(0, unorder_R).unsqueeze(-1),
-                            send_splits, recv_splits).squeeze(-1)
     num_dropped = x_PD.shape[0] - num_kept
-    h_PD = torch.cat([h_back, h_back.new_zeros(num_dropped, h_back.shape[-1])])
-    steps_P = torch.cat([steps_back, steps_back.new_zeros(num_dropped)])
-    return h_PD, steps_P
+
+    def send_back(t_R):
+        back = all_to_all(group, t_R.index_select(0, unorder_R), send_splits, recv_splits)
+        return torch.cat([back, back.new_zeros(num_dropped, *back.shape[1:])])
+
+    h_PD = send_back(h_local)
+    # The per-row fp32 values travel as the columns of one [R, 1 or 2] tensor.
+    rows = send_back(torch.stack(per_row, dim=-1))
+    return h_PD, rows[:, 0], (rows[:, 1] if gate_entropy else None)

@@ -37,7 +37,7 @@ def make_config(kind: str, drops: bool, tp: int = 1, ep: int = 1):
         extra.update(moc_irl_steps=1)
     if kind == "moc":
         extra.update(moc_irl_steps=2, moc_collab_rounds=2, moc_step_penalty_coeff=0.01,
-                     moc_round_penalty_coeff=0.01)
+                     moc_round_penalty_coeff=0.01, moc_gate_entropy_coeff=0.05)
     return tiny_config(num_moe_experts=8, moe_router_topk=2, vocab_size=VOCAB,
                        moc_capacity_factor=1.0 if drops else -1.0,
                        moc_drop_loss_coeff=0.01, moe_z_loss_coeff=1e-3,
@@ -183,15 +183,19 @@ def zero_rows(ep: int) -> None:
         counts = torch.bincount(expert_rows, minlength=E)
         offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
         expert_P = torch.cat([expert_rows, torch.zeros(dropped, dtype=torch.long)])
-        h, steps = run_experts_all_to_all(local, x, offsets, groups.expert_parallel_group(ep))
-        (h.square().sum() + steps.sum()).backward()
+        h, steps, ent = run_experts_all_to_all(local, x, offsets, groups.expert_parallel_group(ep),
+                                               gate_entropy=True)
+        (h.square().sum() + steps.sum() + ent.sum()).backward()
         x_ref = x.detach().clone().requires_grad_(True)
         h_ref, steps_ref = full(x_ref, expert_P, offsets)
-        h_ref = torch.where((torch.arange(kept + dropped) < kept).unsqueeze(-1), h_ref, 0)
-        steps_ref = steps_ref * (torch.arange(kept + dropped) < kept)
-        (h_ref.square().sum() + steps_ref.sum()).backward()
+        kept_P = torch.arange(kept + dropped) < kept
+        h_ref = torch.where(kept_P.unsqueeze(-1), h_ref, 0)
+        steps_ref = steps_ref * kept_P
+        ent_ref = full.gate_entropy(x_ref, expert_P) * kept_P
+        (h_ref.square().sum() + steps_ref.sum() + ent_ref.sum()).backward()
         torch.testing.assert_close(h, h_ref, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(steps, steps_ref, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ent, ent_ref, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-6)
         # Expert weight grads: this rank's slice of the full grads summed over the EP ranks.
         for name, p in local.named_parameters():

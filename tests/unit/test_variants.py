@@ -197,10 +197,8 @@ def test_gate_entropy_layer_fp32(case):
     _check_entropy_case(kind, overrides, torch.float32, 1e-4, 1e-5)
 
 
-def test_gate_entropy_refused_with_expert_parallelism():
-    with pytest.raises(ValueError, match="moc_gate_entropy_coeff"):
-        MoCConfig(num_layers=1, hidden_size=32, num_attention_heads=4, num_moe_experts=4,
-                  moc_gate_entropy_coeff=0.1, expert_model_parallel_size=2)
+# (Gate entropy with EP > 1: tests/e2e/test_expert_parallel.py, the per-row entropies come back
+# through the expert all-to-all and equal one process's.)
 
 
 # ----------------------------------------------------------------------------- MoC v1
