@@ -12,7 +12,10 @@ against the world size; each failure is one line naming the culprit.
 
 Order of work (`pretrain`): groups → tokenizer + data → model → DeepSpeed engine → resume →
 loop (micro-batches through DeepSpeed's gradient accumulation, eval, logs, checkpoints) →
-final checkpoint. SIGTERM makes the loop save and exit at the next step boundary.
+final checkpoint. SIGTERM makes the loop save and exit at the next step boundary. Re-running
+the same command resumes from the newest checkpoint that verifies; a NaN/Inf step makes no
+update and `train.max_consecutive_nonfinite` of them in a row stop the run
+(docs/reliability.md).
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 Every run is a subprocess of the real entry point (`python -m megatron_moc.training.pretrain`,
 or torchrun for two ranks). The module shares one tiny tokenizer + dataset built by the data
-tools, and one TORCH_EXTENSIONS_DIR (DeepSpeed JIT-builds its CPU comm op once, ~30 s; a
-private dir per test module keeps jobs from sharing a stale build lock).
+tools, and one TORCH_EXTENSIONS_DIR (tests/e2e/conftest.py: DeepSpeed JIT-builds its CPU comm
+op once per session).
 """
 
 import json
@@ -17,32 +17,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = os.path.join(ROOT, "launchers", "configs", "tiny.yaml")
 
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    e = dict(os.environ)
-    e.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=ROOT,
-             TORCH_EXTENSIONS_DIR=str(tmp_path_factory.mktemp("torch_ext")))
-    # TRITON_INTERPRET: tests/kernels' conftest sets it for the whole pytest session.
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TRITON_INTERPRET"):
-        e.pop(k, None)
-    return e
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory, env):
-    """Tokenizer + indexed dataset from the default corpus, through the data tools' CLIs."""
-    d = tmp_path_factory.mktemp("data")
-    py = sys.executable
-    for cmd in ([py, "tools/build_default_corpus.py", "--output-dir", str(d), "--max-mb", "1"],
-                [py, "tools/train_tokenizer.py", "--input", str(d / "stdlib.jsonl"),
-                 "--output-prefix", str(d / "tok"), "--vocab-size", "512", "--num-threads", "2"],
-                [py, "tools/preprocess_data.py", "--input", str(d / "stdlib.jsonl"),
-                 "--tokenizer", str(d / "tok.model"), "--output-prefix", str(d / "stdlib"),
-                 "--workers", "2", "--no-progress"]):
-        subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
-    return d
+# `env` and `data` (the subprocess environment, the tiny dataset): tests/e2e/conftest.py
 
 
 def run_pretrain(env, data, save, *overrides, nproc=1, check=True):
@@ -76,6 +51,7 @@ def train_losses(save):
 def final_weights(save):
     with open(os.path.join(save, "latest")) as f:
         tag = f.read().strip()
+    # deepspeed-exception: DeepSpeed's own model-states shard (pickles its LossScaler).
     state = torch.load(os.path.join(save, tag, "mp_rank_00_model_states.pt"), weights_only=False)
     return state["module"]
 
