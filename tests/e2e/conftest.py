@@ -4,6 +4,7 @@ on 2 cores; a private dir per session keeps jobs from sharing a stale build lock
 tokenizer + dataset built by the data tools."""
 
 import os
+import socket
 import subprocess
 import sys
 
@@ -39,3 +40,11 @@ def data(tmp_path_factory, env):
                  "--workers", "2", "--no-progress"]):
         subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
     return d
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (for torchrun's master): fixed port ranges collided
+    between test modules and with other jobs on the machine."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -13,16 +13,16 @@ import sys
 import pytest
 import torch
 
+from tests.e2e.conftest import free_port
 from tests.e2e.test_pretrain import ROOT, run_pretrain, train_losses
 
 WORKER = os.path.join(ROOT, "tests", "e2e", "parallel_equivalence_worker.py")
-PORT = 29400 + os.getpid() % 300
 
 
 def _run(env, args, nproc=None, port_offset=0):
     launch = [sys.executable, WORKER] if nproc is None else [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-        "--master_port", str(PORT + port_offset), WORKER]
+        "--master_port", str(free_port()), WORKER]
     proc = subprocess.run(launch + args, cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=400)
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-5000:])

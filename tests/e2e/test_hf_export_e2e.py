@@ -14,6 +14,8 @@ import sys
 import pytest
 import torch
 
+from tests.e2e.conftest import free_port
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = os.path.join(ROOT, "launchers", "configs", "tiny.yaml")
 
@@ -25,7 +27,7 @@ def pretrain(env, data, save, *overrides, nproc=1):
     launch = [sys.executable, "-m", "megatron_moc.training.pretrain"]
     if nproc > 1:
         launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                  "--master_port", str(29300 + os.getpid() % 300), "-m",
+                  "--master_port", str(free_port()), "-m",
                   "megatron_moc.training.pretrain"]
     proc = subprocess.run(launch + ["--config", TINY, *base, *overrides], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
