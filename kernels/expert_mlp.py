@@ -25,12 +25,14 @@ Public API
         per-expert loop, differentiable by autograd.
     wgrad_acc: a kernels.grouped_gemm.WeightGradAccumulator tracking w13 (and w2): the S IRL
         steps then build one fp32 gradient per weight, cast once (see grouped_gemm).
+    Under torch.compile, expert_swiglu_mlp runs as custom ops (kernels/expert_mlp_op.py).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from kernels.expert_mlp_op import expert_swiglu_mlp_op
 from kernels.gmm_backend import swiglu_bwd_math
 from kernels.grouped_gemm import (grouped_gemm_reference, primitives, scatter_rows,
                                   wgrad_into)
@@ -114,6 +116,12 @@ def expert_swiglu_mlp(x, w13, w2, offsets, gather_index=None, *, wgrad_acc=None,
     if w2.shape[0] != w13.shape[0] or 2 * w2.shape[1] != w13.shape[2]:
         raise ValueError(f"w2 must be [E, F, D] = [{w13.shape[0]}, {w13.shape[2] // 2}, "
                          f"{w13.shape[1]}], got {tuple(w2.shape)}")
+    if torch.compiler.is_compiling():
+        # torch.compile: the same MLP as opaque custom ops (kernels/expert_mlp_op.py), so the
+        # graph does not break here; the fp32 accumulator is an eager-mode object.
+        if wgrad_acc is not None:
+            raise ValueError("wgrad_acc is eager-only: under torch.compile pass None")
+        return expert_swiglu_mlp_op(x, w13, w2, offsets, gather_index, backend)
     prims = primitives(backend, x)
     if not (torch.is_grad_enabled() and (x.requires_grad or w13.requires_grad
                                          or w2.requires_grad)):

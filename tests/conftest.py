@@ -6,6 +6,13 @@ import sys
 import pytest
 import torch
 
+# Kernel tests run Triton on the CPU interpreter when there is no GPU. The variable must be
+# set before anything imports triton / kernels/ (model modules do, at collection time of any
+# test folder), so it is set here, session-wide. `auto` never picks Triton for CPU tensors and
+# the e2e subprocesses drop the variable (tests/e2e/conftest.py), so nothing else runs on it.
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)

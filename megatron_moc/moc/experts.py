@@ -108,6 +108,25 @@ def rows_of(weight_ED: torch.Tensor, expert_P: torch.Tensor) -> torch.Tensor:
     return onehot_PE @ weight_ED
 
 
+class _PermuteRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, perm, inverse):
+        ctx.save_for_backward(inverse)
+        return x.index_select(0, perm)
+
+    @staticmethod
+    def backward(ctx, grad):
+        inverse, = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
+
+
+def permute_rows(x_PD: torch.Tensor, perm_P: torch.Tensor, inverse_P: torch.Tensor):
+    """x[perm] for a permutation `perm` of the rows (`inverse` its inverse). Its backward is
+    the gather grad[inverse], where index_select's is a scatter-add with atomics (the
+    hard-mode compaction's gathers and scatter, fwd + bwd)."""
+    return _PermuteRows.apply(x_PD, perm_P, inverse_P)
+
+
 # ----------------------------------------------------------------------------- module
 class IRLExperts(nn.Module):
     """E experts, each a SwiGLU FFN with its own RMSNorm_e and (adaptive) step gate G_e."""
@@ -233,13 +252,14 @@ class IRLExperts(nn.Module):
         kept = torch.arange(P, device=h.device) < offsets_E1[-1]
         active = (active_P > 0) & kept
         order = torch.argsort(expert_P + E * (~active).long(), stable=True)
+        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(P, device=h.device))
         counts = torch.zeros(E, dtype=torch.long, device=h.device)
         counts.scatter_add_(0, expert_P, active.long())
         offsets = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
-        z = rms_norm(h.index_select(0, order) + x.index_select(0, order),
-                     norm_w.index_select(0, order), eps)
+        z = rms_norm(permute_rows(h, order, inverse) + permute_rows(x, order, inverse),
+                     permute_rows(norm_w, order, inverse), eps)
         out = mlp(z, w13, w2, offsets) * a_P1.index_select(0, order)
-        return torch.zeros_like(h).index_copy(0, order, out)
+        return permute_rows(out, inverse, order)      # = zeros.index_copy(0, order, out)
 
 
 class IRLFeedForward(nn.Module):

@@ -107,16 +107,19 @@ class MediatorCombiner(nn.Module):
         m_norm = self.mediator_norm(mediator_ND)
         e_norm = self.expert_norm(states_NKD)
         q_ND = self.med_q(m_norm)
-        k_NKD = self.exp_k(e_norm)
-        v_NKD = self.exp_v(e_norm)
+        # The keys and values are linear and bias-free, so q·k_k = (W_kᵀq)·e_k and
+        # Σ_k β_k W_v e_k = W_v(Σ_k β_k e_k): two [N, D] products instead of two [N·K, D]
+        # ones, and k, v [N, K, D] are never built. Same math (the fp64 oracle tests hold);
+        # training/metrics.py counts these products as executed (K = 1 for W_k and W_v).
+        qk_ND = q_ND @ self.exp_k.weight
         # β: softmax over the kept experts, fp32, renormalized; 0 when none is kept.
         dt = torch.float64 if states_NKD.dtype == torch.float64 else torch.float32
-        scores = (k_NKD * q_ND.unsqueeze(1)).sum(-1).to(dt) / math.sqrt(q_ND.shape[-1])
+        scores = (e_norm * qk_ND.unsqueeze(1)).sum(-1).to(dt) / math.sqrt(q_ND.shape[-1])
         keep = keep_NK.to(scores.dtype)
         beta = torch.softmax(scores.masked_fill(~keep_NK, -1e4), dim=-1) * keep
         denom = beta.sum(-1, keepdim=True)
         beta = torch.where(denom > 0, beta / torch.where(denom > 0, denom, 1), 0)
-        msg_ND = (beta.to(v_NKD.dtype).unsqueeze(-1) * v_NKD).sum(1)
+        msg_ND = self.exp_v((beta.to(e_norm.dtype).unsqueeze(-1) * e_norm).sum(1))
         new_mediator = mediator_ND + self.med_mlp(m_norm + msg_ND)
         if self.med_to_exp is None:
             return new_mediator, states_NKD

@@ -33,8 +33,10 @@ def model_flops_per_token(cfg, seq_len: int) -> float:
         dense/IRL   S · 3·D·F                               (SwiGLU: W13 is D×2F, W2 is F×D)
         MoE/MoC     router D·E + K·S·3·D·F_moe + step gates K·E·(S+1)·D (all E gates are
                     evaluated for every row, as experts.py does) + o_proj D·D
-        mediator    context D² + R · (q D² + K·(k + v) + 2·D² MLP + feedback D² + K·D gate
-                    + 2·K·D scores/values) + round gate D·(R+1) + fusion gate D
+        mediator    context D² + R · (q D² + k D² + v D² + 2·D² MLP + feedback D² + K·D gate
+                    + 2·K·D scores / β-weighted states) + round gate D·(R+1) + fusion gate D;
+                    k and v count once per round, not K times: mediator.py applies W_k to q
+                    and W_v to Σ_k β_k e_k (same math, the products it executes)
         MoC v1      all E experts E·3·D·F, router and fusion attentions, W_r, FFN_c, o_proj
                     (`moc.v1.v1_flops_params_per_token`)
     plus the output projection D·V (tied embedding; the input lookup is free), and
@@ -58,7 +60,7 @@ def model_flops_per_token(cfg, seq_len: int) -> float:
         if R > 0:
             rank = cfg.moc_value_rank
             value = 2 * rank * D if 0 < rank < D else D * D
-            per_round = D * D + K * (D * D + value) + 2 * D * D + 2 * K * D
+            per_round = D * D + D * D + value + 2 * D * D + 2 * K * D
             if cfg.moc_feedback:
                 per_round += D * D + K * D + D
             ffn += D * D + R * per_round + D
