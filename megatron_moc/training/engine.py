@@ -159,7 +159,8 @@ def make_lr_scheduler(lr: float, min_lr: float, warmup_iters: int, decay_iters: 
     DeepSpeed steps it once per optimizer step and saves / loads it with the checkpoint."""
     def build(optimizer):
         return torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: warmup_cosine(s, warmup_iters, decay_iters, lr, min_lr) / lr)
+            optimizer,  # (lr = 0: a frozen run, factor 0 rather than 0 / 0)
+            lambda s: warmup_cosine(s, warmup_iters, decay_iters, lr, min_lr) / lr if lr else 0.0)
     return build
 
 
