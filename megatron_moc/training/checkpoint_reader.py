@@ -221,7 +221,7 @@ INIT_FROM_FIELDS = (
 )
 
 
-def _local_slices(state: Dict[str, torch.Tensor], model) -> Dict[str, torch.Tensor]:
+def local_slices(state: Dict[str, torch.Tensor], model) -> Dict[str, torch.Tensor]:
     """This rank's part of a full (TP = EP = 1) state: TP-split params by Megatron's
     partitioning, stacked expert params by the rank's expert range."""
     from megatron.core import parallel_state as ps
@@ -258,7 +258,7 @@ def load_init_weights(model, config: MoCConfig, path: str) -> None:
         if getattr(saved, field) != getattr(config, field):
             raise ValueError(f"train.init_from: {path} has {field}={getattr(saved, field)!r}, "
                              f"the recipe {getattr(config, field)!r}")
-    state = _local_slices(load_file(os.path.join(path, WEIGHTS_FILE)), model)
+    state = local_slices(load_file(os.path.join(path, WEIGHTS_FILE)), model)
     try:
         load_model_state(model, state, source=f"train.init_from {path}")
     except KeyError as err:  # user input: the trainer reports ValueErrors as one line

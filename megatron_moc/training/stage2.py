@@ -98,11 +98,11 @@ def load_weights(model, path: str) -> None:
     """Copy the model weights of training checkpoint `path` (any TP / EP layout, read with
     weights_only=True by checkpoint_reader) into `model`, this rank's slices."""
     from megatron_moc.model.io import load_model_state
-    from megatron_moc.training.checkpoint_reader import _local_slices, read_training_checkpoint
+    from megatron_moc.training.checkpoint_reader import local_slices, read_training_checkpoint
 
     _, state = read_training_checkpoint(_tag_dir(path))
     try:
-        load_model_state(model, _local_slices(state, model), source=f"Stage II weights {path}")
+        load_model_state(model, local_slices(state, model), source=f"Stage II weights {path}")
     except KeyError as err:
         raise ValueError(err.args[0]) from None
 

@@ -82,27 +82,13 @@ def reference(out: str, dp: int, kind: str, drops: bool) -> None:
                 "tokens": tokens, "labels": labels, "kind": kind, "drops": drops}, out)
 
 
-def shard_like(name: str, param, full: torch.Tensor) -> torch.Tensor:
-    """The slice of a full (TP = EP = 1) tensor this rank holds for `param`."""
-    from megatron.core import parallel_state as ps
-
-    t = full
-    if getattr(param, "allreduce", True) is False:  # expert param: this EP rank's experts
-        module_first = param._moc_first_expert
-        t = t[module_first:module_first + param.shape[0]]
-    if getattr(param, "tensor_model_parallel", False):
-        tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
-        t = torch.chunk(t, tp, dim=param.partition_dim)[rank]
-    assert t.shape == param.shape, (name, t.shape, param.shape)
-    return t
-
-
 def parallel(ref_path: str, tp: int, ep: int) -> None:
     from megatron.core import parallel_state as ps
 
     from megatron_moc.model.gpt import build_model
     from megatron_moc.parallel import groups
     from megatron_moc.parallel.cpu_compat import enable_cpu_compat, seed_everything
+    from megatron_moc.training.checkpoint_reader import local_slices
 
     enable_cpu_compat()
     groups.destroy_groups() if dist.is_initialized() else None
@@ -111,13 +97,14 @@ def parallel(ref_path: str, tp: int, ep: int) -> None:
     ref = torch.load(ref_path, weights_only=True)
     cfg = make_config(ref["kind"], ref["drops"], tp, ep)
     model = build_model(cfg)
-    for layer in model.moc_layers():
-        for p in layer.experts.parameters():
-            p._moc_first_expert = layer.experts.first_expert
+    # This rank's slices of the full weights and gradients: the trainer's own slicing
+    # (train.init_from / Stage II), so this test covers it too.
+    weights, ref_grads = local_slices(ref["state"], model), local_slices(ref["grads"], model)
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, p in params.items():
-            p.copy_(shard_like(name, p, ref["state"][name]))
+            assert weights[name].shape == p.shape, (name, weights[name].shape, p.shape)
+            p.copy_(weights[name])
 
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     tokens, labels = ref["tokens"][dp_rank], ref["labels"][dp_rank]
@@ -140,7 +127,7 @@ def parallel(ref_path: str, tp: int, ep: int) -> None:
         else:
             dist.all_reduce(g, group=ps.get_data_parallel_group())
         g /= dp
-        expected = shard_like(name, p, ref["grads"][name])
+        expected = ref_grads[name]
         torch.testing.assert_close(g, expected, rtol=1e-5, atol=1e-6,
                                    msg=lambda m: f"rank {dist.get_rank()} grad {name}: {m}")
     kept = [l.last_stats.kept_hist for l in model.moc_layers()]

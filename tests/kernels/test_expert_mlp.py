@@ -40,11 +40,17 @@ def grads(fn, tensors, *args, **kw):
     return out, leaves
 
 
+@pytest.mark.parametrize("entry", ["function", "custom_op"])
 @pytest.mark.parametrize("gather", [False, True])
 @pytest.mark.parametrize("case", CASES)
-def test_expert_mlp_matches_reference(case, gather, device, poison):
+def test_expert_mlp_matches_reference(case, gather, entry, device, poison):
+    """The autograd Function and the torch.library custom op (kernels/expert_mlp_op.py, what
+    torch.compile sees) against the float64 reference."""
+    from kernels.expert_mlp_op import expert_swiglu_mlp_op
+
+    fn = expert_swiglu_mlp if entry == "function" else expert_swiglu_mlp_op
     x, w13, w2, dy, offsets, gidx = make(*case, gather, device)
-    y, leaves = grads(expert_swiglu_mlp, (x, w13, w2), offsets, gidx, backend="triton")
+    y, leaves = grads(fn, (x, w13, w2), offsets, gidx, backend="triton")
     y.backward(dy)
     y_r, leaves_r = grads(expert_swiglu_mlp_reference, (x.double(), w13.double(),
                                                          w2.double()), offsets, gidx)
