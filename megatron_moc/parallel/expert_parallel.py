@@ -90,7 +90,7 @@ def run_experts_all_to_all(experts, x_PD: torch.Tensor, offsets_E1: torch.Tensor
     # by expert: a stable sort on the local expert id, undone before the way back.
     expert_R = torch.repeat_interleave(
         torch.arange(num_local, device=x_PD.device).repeat(ep),
-        recv_EL_host.reshape(-1).to(x_PD.device), output_size=x_recv.shape[0])
+        recv_EL.reshape(-1), output_size=x_recv.shape[0])
     order_R = torch.argsort(expert_R, stable=True)
     local_counts = recv_EL.sum(0)
     local_offsets = torch.cat([local_counts.new_zeros(1), torch.cumsum(local_counts, 0)])
@@ -99,7 +99,8 @@ def run_experts_all_to_all(experts, x_PD: torch.Tensor, offsets_E1: torch.Tensor
     per_row = [steps_local]
     if gate_entropy:
         per_row.append(experts.gate_entropy(x_local, expert_local))
-    unorder_R = torch.argsort(order_R)
+    unorder_R = torch.empty_like(order_R)  # the inverse permutation, without a second sort
+    unorder_R[order_R] = torch.arange(order_R.numel(), device=order_R.device)
     num_dropped = x_PD.shape[0] - num_kept
 
     def send_back(t_R):
