@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import torch
 
+from kernels import grouped_gemm_tma as tma
 from kernels.gmm_backend import TorchPrimitives, _interpreting, resolve_backend
 from kernels.swiglu import launch_swiglu_bwd
 
@@ -240,14 +241,17 @@ if triton is not None:
         return lambda args: args[dim] % args[block] == 0
 
     _heur = {"EVEN_K": _even("K", "BLOCK_K"), "EVEN_N": _even("N", "BLOCK_N")}
+    _prune = {"early_config_prune": tma.fits_smem}
     _gmm_plain = triton.autotune(_GMM_CFG, key=["N", "K", "P_BUCKET", "EPILOGUE",
-                                                "B_K_CONTIG", "HAS_GATHER"])(
+                                                "B_K_CONTIG", "HAS_GATHER"],
+                                 prune_configs_by=_prune)(
         triton.heuristics(_heur)(_gmm_kernel))
     _gmm_swiglu = triton.autotune(_SWIGLU_CFG, key=["N", "K", "P_BUCKET", "EPILOGUE",
-                                                    "B_K_CONTIG", "HAS_GATHER"])(
+                                                    "B_K_CONTIG", "HAS_GATHER"],
+                                  prune_configs_by=_prune)(
         triton.heuristics(_heur)(_gmm_kernel))
     _wgrad_tuned = triton.autotune(_WGRAD_CFG, key=["N", "K", "K_BUCKET", "HAS_GATHER",
-                                                    "ACCUMULATE"],
+                                                    "ACCUMULATE"], prune_configs_by=_prune,
                                    restore_value=["c_ptr"])(   # tuning runs must not add twice
         triton.heuristics(_heur)(_wgrad_kernel))
 
@@ -294,6 +298,10 @@ def _p_bucket(p):
 def _launch(kernel, a, w, c, pre, offsets, gather_index, n, k, epilogue, store_pre, trans_w,
             config):
     p, e = c.shape[0], w.shape[0]
+    if ((gather_index is None or tma.GATHER)
+            and tma.tma_ok(a if gather_index is None else None, tma.weights_2d(w))):
+        return tma.launch_gmm_tma(a, w, c, pre, offsets, gather_index, n, k, epilogue,
+                                  store_pre, trans_w, _p_bucket(p), config)
     stride_bk, stride_bn = (w.stride(2), w.stride(1)) if trans_w else (w.stride(1), w.stride(2))
     if config is not None:      # a fixed config (benchmark sweeps): bypass the autotuner
         kernel = triton.heuristics(_heur)(_gmm_kernel)
@@ -370,11 +378,15 @@ def launch_wgrad(a, dy, offsets, gather_index=None, accumulate_into=None, out_dt
         c = torch.empty(e, k, n, dtype=out_dtype or a.dtype, device=a.device)
     elif c.stride(2) != 1:
         raise ValueError("accumulate_into must be contiguous in its last dim")
+    k_bucket = _p_bucket(dy.shape[0] // max(e, 1))
+    if (gather_index is None or tma.GATHER) and tma.tma_ok(
+            a if gather_index is None else None, dy):
+        return tma.launch_wgrad_tma(a, dy, c, offsets, gather_index,
+                                    accumulate_into is not None, k_bucket, config)
     kernel = _wgrad_tuned if config is None else triton.heuristics(_heur)(_wgrad_kernel)
     grid = lambda meta: (triton.cdiv(k, meta["BLOCK_K"]) * triton.cdiv(n, meta["BLOCK_N"]), e)
     kernel[grid](a, dy, c, offsets, offsets if gather_index is None else gather_index,
-                 k, n, a.stride(0), dy.stride(0), c.stride(0), c.stride(1),
-                 _p_bucket(dy.shape[0] // max(e, 1)),
+                 k, n, a.stride(0), dy.stride(0), c.stride(0), c.stride(1), k_bucket,
                  HAS_GATHER=gather_index is not None, ACCUMULATE=accumulate_into is not None,
                  PREC=_prec(a.dtype), **(config or {}))
     return c

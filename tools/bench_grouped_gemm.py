@@ -23,10 +23,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from kernels import grouped_gemm as gg                                         # noqa: E402
+from kernels import grouped_gemm_tma as tma                                    # noqa: E402
 from kernels.expert_mlp import expert_swiglu_mlp, expert_swiglu_mlp_reference  # noqa: E402
 
 SHAPES = [(8, 768, 2048), (8, 2048, 5632), (16, 2048, 2816), (64, 2048, 1408)]
-GEMM_SHAPES = [(8, 2048, 5632), (8, 768, 2048)]
+GEMM_SHAPES = [(8, 2048, 5632), (8, 768, 2048), (8, 1024, 3200)]   # the last: moe_1b's experts
 ROT = 3   # input sets to rotate through
 DEV = "cuda"   # --smoke: "cpu" (with TRITON_INTERPRET=1), to check the script, not to time
 
@@ -56,6 +57,17 @@ def routing(p, e, kind, seed=0):
     offsets = torch.zeros(e + 1, dtype=torch.int64)
     offsets[1:] = counts.cumsum(0)
     return offsets.to(DEV), counts.tolist()
+
+
+def pointer(fn):
+    """fn run on the pointer kernels (TMA off): the pre-TMA version, side by side."""
+    def run(*a):
+        old, tma.MODE = tma.MODE, "off"
+        try:
+            return fn(*a)
+        finally:
+            tma.MODE = old
+    return run
 
 
 class Rot:
@@ -92,6 +104,8 @@ def mlp_fns(e, d, f, p, offsets, counts, dtype=torch.bfloat16):
     return {
         "triton": (lambda x: expert_swiglu_mlp(x, w13, w2, offsets, backend="triton"),
                    [w13, w2]),
+        "triton_ptr": (pointer(lambda x: expert_swiglu_mlp(x, w13, w2, offsets,
+                                                           backend="triton")), [w13, w2]),
         "triton_unfused": (unfused, [w13, w2]),
         "grouped_mm": (lambda x: F.grouped_mm(swiglu(F.grouped_mm(x, w13, offs=offs32)), w2,
                                               offs=offs32), [w13, w2]),
@@ -178,6 +192,7 @@ def bench_gemms(shape, p, rep):
     }
     out = []
     for name, (flops, fns) in gemms.items():
+        fns["triton_ptr"] = pointer(fns["triton"])
         row = dict(part="gemm", E=e, d=d, f=f, gemm=name)
         for method, fn in fns.items():
             t = bench(lambda: fn(r.next()), rep=rep)
@@ -247,10 +262,15 @@ def bench_hard_mode(shape, p, rep):
 
     t_soft = bench(lambda: step2(False), grad_to_none=xs + [w13, w2], rep=rep)
     t_hard = bench(lambda: step2(True), grad_to_none=xs + [w13, w2], rep=rep)
+    old, tma.GATHER = tma.GATHER, not tma.GATHER      # the gathered GEMMs on the other path
+    t_hard_alt = bench(lambda: step2(True), grad_to_none=xs + [w13, w2], rep=rep)
+    tma.GATHER = old
     red = 1 - t_hard / t_soft
     print(f"  hard mode {shape}: soft {t_soft:.3f} ms  hard {t_hard:.3f} ms  "
-          f"reduction {100 * red:.1f}% (ideal 25%)", flush=True)
-    return dict(part="hard_mode", E=e, d=d, f=f, soft_ms=t_soft, hard_ms=t_hard, reduction=red)
+          f"reduction {100 * red:.1f}% (ideal 25%); gathered GEMMs on the "
+          f"{'pointer' if old else 'TMA'} kernels instead: hard {t_hard_alt:.3f} ms", flush=True)
+    return dict(part="hard_mode", E=e, d=d, f=f, soft_ms=t_soft, hard_ms=t_hard, reduction=red,
+                gather_tma=old, hard_ms_other_gather_path=t_hard_alt)
 
 
 def probe_hard(shape, p, rep):
@@ -290,10 +310,11 @@ def probe_hard(shape, p, rep):
 def autotune_report():
     """The config each autotuner chose, per key, and the timing of every candidate."""
     lines = []
-    for name in ("_gmm_plain", "_gmm_swiglu", "_wgrad_tuned"):
-        tuner = getattr(gg, name, None)
+    for mod, name in ((gg, "_gmm_plain"), (gg, "_gmm_swiglu"), (gg, "_wgrad_tuned"),
+                      (tma, "_gmm_tuned"), (tma, "_swiglu_tuned"), (tma, "_wgrad_tuned")):
+        tuner = getattr(mod, name, None)
         for key, cfg in getattr(tuner, "cache", {}).items():
-            lines.append(f"{name} key={key} best={cfg}")
+            lines.append(f"{mod.__name__}.{name} key={key} best={cfg}")
     return lines
 
 
@@ -308,11 +329,12 @@ def table(rows):
             f"{cells[m]['fwd_tflops']:8.0f} |{cells[m]['fwdbwd_tflops']:6.0f}  " for m in methods))
     gem = [r for r in rows if r["part"] == "gemm"]
     if gem:
-        out += ["", "per GEMM, balanced, TFLOP/s (ratios: triton / mm, / bmm, / grouped_mm)"]
+        out += ["", "per GEMM, balanced, TFLOP/s (triton = TMA kernels, ptr = pointer kernels;"
+                " ratios: triton / mm, / bmm, / grouped_mm)"]
         for r in gem:
             fused = f"  fused {r['triton_swiglu']:.0f}" if "triton_swiglu" in r else ""
             out.append(f"{str((r['E'], r['d'], r['f'])):16s}{r['gemm']:10s} triton "
-                       f"{r['triton']:5.0f} gmm {r['grouped_mm']:5.0f} mm {r['mm']:5.0f} bmm "
+                       f"{r['triton']:5.0f} ptr {r['triton_ptr']:5.0f} gmm {r['grouped_mm']:5.0f} mm {r['mm']:5.0f} bmm "
                        f"{r['bmm']:5.0f}  {r['triton'] / r['mm']:.2f} {r['triton'] / r['bmm']:.2f}"
                        f" {r['triton'] / r['grouped_mm']:.2f}{fused}")
     for r in rows:

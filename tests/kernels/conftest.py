@@ -12,7 +12,7 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
-    for _name in ("kernels.gmm_backend", "kernels.swiglu", "kernels.grouped_gemm",
+    for _name in ("kernels.gmm_backend", "kernels.swiglu", "kernels.grouped_gemm_tma", "kernels.grouped_gemm",
                   "kernels.expert_mlp"):
         if _name in sys.modules:
             importlib.reload(sys.modules[_name])
@@ -37,3 +37,14 @@ def poison(monkeypatch):
 
     monkeypatch.setattr(torch, "empty", lambda *a, **k: _fill(real_empty(*a, **k)))
     monkeypatch.setattr(torch, "empty_like", lambda *a, **k: _fill(real_like(*a, **k)))
+
+
+@pytest.fixture(params=["tma", "pointer"])
+def gmm_path(request, monkeypatch):
+    """Runs a test on both Triton GEMM paths: the TMA kernels (kernels/grouped_gemm_tma.py;
+    Hopper, or the interpreter) and the pointer kernels they replace elsewhere."""
+    from kernels import grouped_gemm_tma
+    if request.param == "tma" and DEVICE == "cuda" and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA kernels need a Hopper-class GPU")
+    monkeypatch.setattr(grouped_gemm_tma, "MODE", "on" if request.param == "tma" else "off")
+    return request.param

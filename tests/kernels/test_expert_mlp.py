@@ -43,7 +43,7 @@ def grads(fn, tensors, *args, **kw):
 @pytest.mark.parametrize("entry", ["function", "custom_op"])
 @pytest.mark.parametrize("gather", [False, True])
 @pytest.mark.parametrize("case", CASES)
-def test_expert_mlp_matches_reference(case, gather, entry, device, poison):
+def test_expert_mlp_matches_reference(case, gather, entry, device, poison, gmm_path):
     """The autograd Function and the torch.library custom op (kernels/expert_mlp_op.py, what
     torch.compile sees) against the float64 reference."""
     from kernels.expert_mlp_op import expert_swiglu_mlp_op
@@ -64,7 +64,7 @@ def test_expert_mlp_matches_reference(case, gather, entry, device, poison):
 
 @pytest.mark.parametrize("gather", [False, True])
 @pytest.mark.parametrize("case", CASES)
-def test_grouped_swiglu_matches_reference(case, gather, device, poison):
+def test_grouped_swiglu_matches_reference(case, gather, device, poison, gmm_path):
     x, w13, _, _, offsets, gidx = make(*case, gather, device)
     p = gidx.shape[0] if gather else x.shape[0]
     dh = torch.randn(p, w13.shape[2] // 2, device=device)

@@ -53,7 +53,7 @@ def reference(x, w, offsets, gidx, dy):
 
 @pytest.mark.parametrize("gather", [False, True])
 @pytest.mark.parametrize("case", CASES)
-def test_triton_matches_reference(case, gather, device, poison):
+def test_triton_matches_reference(case, gather, device, poison, gmm_path):
     x, w, offsets, gidx, dy = make_case(*case, gather, device)
     y, dx, dw = run(grouped_gemm, x, w, offsets, gidx, dy, backend="triton")
     y_r, dx_r, dw_r = reference(x, w, offsets, gidx, dy)
@@ -66,7 +66,7 @@ def test_triton_matches_reference(case, gather, device, poison):
 
 
 @pytest.mark.parametrize("gather", [False, True])
-def test_wgrad_accumulates_into_fp32_buffer(gather, device):
+def test_wgrad_accumulates_into_fp32_buffer(gather, device, gmm_path):
     x, w, offsets, gidx, dy = make_case(*CASES[0], gather, device)
     start = torch.randn(w.shape, device=device)
     buf = start.clone()
@@ -145,3 +145,18 @@ def test_backend_logged_once(monkeypatch, caplog):
         grouped_gemm(x, w, offsets, backend="grouped_mm")
     assert len([r for r in caplog.records if "grouped_mm" in r.getMessage()]) == 1
     assert gmm_backend.backend_available()       # interpreter or GPU: Triton path can run
+
+
+def test_smem_pruning_keeps_configs_that_fit():
+    """fp32 tiles take twice the shared memory of bf16: configs that overflow Hopper's
+    227 KiB are dropped before autotuning (the GPU otherwise stops on OutOfResources)."""
+    triton = pytest.importorskip("triton")
+    from kernels.grouped_gemm_tma import fits_smem
+    cfgs = [triton.Config(dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64), num_stages=4),
+            triton.Config(dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32), num_stages=3)]
+    bf16, fp32 = torch.empty(1, dtype=torch.bfloat16), torch.empty(1)
+    assert fits_smem(cfgs, {"b_ptr": bf16}, EPILOGUE=0) == cfgs          # 192 KiB fits
+    assert fits_smem(cfgs, {"b_ptr": fp32}, EPILOGUE=0) == cfgs[1:]      # 384 KiB does not
+    assert fits_smem(cfgs, {"b_ptr": bf16}, EPILOGUE=1) == cfgs[1:]      # gate and up tiles
+    big = cfgs[:1]
+    assert fits_smem(big, {"b_ptr": fp32}, EPILOGUE=0) == big            # none fit: keep one
