@@ -299,9 +299,10 @@ def _launch(kernel, a, w, c, pre, offsets, gather_index, n, k, epilogue, store_p
             config):
     p, e = c.shape[0], w.shape[0]
     if ((gather_index is None or tma.GATHER)
-            and tma.tma_ok(a if gather_index is None else None, tma.weights_2d(w))):
+            and tma.tma_ok(a if gather_index is None else None, tma.weights_2d(w),
+                           c if epilogue == 0 else None)):
         return tma.launch_gmm_tma(a, w, c, pre, offsets, gather_index, n, k, epilogue,
-                                  store_pre, trans_w, _p_bucket(p), config)
+                                  store_pre, trans_w, _p_bucket(p), _prec(a.dtype), config)
     stride_bk, stride_bn = (w.stride(2), w.stride(1)) if trans_w else (w.stride(1), w.stride(2))
     if config is not None:      # a fixed config (benchmark sweeps): bypass the autotuner
         kernel = triton.heuristics(_heur)(_gmm_kernel)
@@ -379,10 +380,14 @@ def launch_wgrad(a, dy, offsets, gather_index=None, accumulate_into=None, out_dt
     elif c.stride(2) != 1:
         raise ValueError("accumulate_into must be contiguous in its last dim")
     k_bucket = _p_bucket(dy.shape[0] // max(e, 1))
+    if gather_index is not None and tma.GATHER and tma.tma_ok(dy):
+        # Measured (docs/kernels_notes.md): on the TMA path a gathered wgrad runs ~40% slower
+        # than a compact one, far more than one transient row copy costs.
+        a, gather_index = a.index_select(0, gather_index), None
     if (gather_index is None or tma.GATHER) and tma.tma_ok(
             a if gather_index is None else None, dy):
         return tma.launch_wgrad_tma(a, dy, c, offsets, gather_index,
-                                    accumulate_into is not None, k_bucket, config)
+                                    accumulate_into is not None, k_bucket, _prec(a.dtype), config)
     kernel = _wgrad_tuned if config is None else triton.heuristics(_heur)(_wgrad_kernel)
     grid = lambda meta: (triton.cdiv(k, meta["BLOCK_K"]) * triton.cdiv(n, meta["BLOCK_N"]), e)
     kernel[grid](a, dy, c, offsets, offsets if gather_index is None else gather_index,

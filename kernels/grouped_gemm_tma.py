@@ -64,13 +64,17 @@ def _tma_tensor_ok(t: torch.Tensor) -> bool:
 
 
 def tma_ok(*tensors: torch.Tensor) -> bool:
-    """Whether the TMA kernels may run on these 2-D operands (None entries are skipped)."""
+    """Whether the TMA kernels may run on these 2-D operands (None entries are skipped).
+    "auto" keeps fp32 on the GPU with the pointer kernels: an exact fp32 dot is not a
+    tensor-core product, and fp32 is the test dtype there, not a training one."""
     if triton is None or MODE == "off":
         return False
     if MODE == "auto":
-        dev = next(t for t in tensors if t is not None).device
+        first = next(t for t in tensors if t is not None)
+        dev = first.device
         if dev.type == "cuda":
-            if torch.version.hip is not None or torch.cuda.get_device_capability(dev)[0] < 9:
+            if (torch.version.hip is not None or torch.cuda.get_device_capability(dev)[0] < 9
+                    or first.dtype == torch.float32):
                 return False
         elif not _interpreting():
             return False
@@ -95,7 +99,8 @@ def fits_smem(configs, named_args, **kwargs):
         per_stage = m * k + (m * n if "ACCUMULATE" in args else b_tiles * k * n)
         return c.num_stages * per_stage * elem
 
-    kept = [c for c in configs if need(c) <= _SMEM_BYTES]
+    limit = _SMEM_BYTES / (1.5 if elem == 4 else 1.0)   # fp32 dots stage more than tiles
+    kept = [c for c in configs if need(c) <= limit]
     return kept or [min(configs, key=need)]
 
 
@@ -118,6 +123,8 @@ if triton is not None:
         bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
         if nargs["a_desc"] is not None:
             nargs["a_desc"].block_shape = [bm, bk]
+        if nargs["c_desc"] is not None:
+            nargs["c_desc"].block_shape = [bm, bn]
         nargs["b_desc"].block_shape = [bn, bk] if nargs["B_TRANS"] else [bk, bn]
 
     def _size_wgrad_blocks(nargs):
@@ -133,14 +140,16 @@ if triton is not None:
         _GMM_CFG = _configs([(bm, bn, bk, w, s, pers) for pers in (True, False)
                              for bm, bn, bk, w, s in
                              [(128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (128, 128, 64, 4, 4),
-                              (128, 128, 64, 8, 4), (128, 128, 128, 8, 3), (256, 128, 64, 8, 3)]])
+                              (128, 128, 64, 8, 4), (128, 128, 128, 8, 3), (256, 128, 64, 8, 3)]]
+                            + [(64, 64, 32, 4, 2, False)])   # fits fp32 (tests)
         _SWIGLU_CFG = _configs([(bm, bn, bk, w, s, pers) for pers in (True, False)
                                 for bm, bn, bk, w, s in
                                 [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 64, 64, 4, 4),
-                                 (64, 128, 64, 4, 4)]])
+                                 (64, 128, 64, 4, 4)]] + [(64, 64, 32, 4, 2, False)])
         _WGRAD_CFG = _wgrad_configs([(128, 256, 64, 8, 3), (256, 128, 64, 8, 3),
                                      (128, 128, 64, 8, 4), (128, 128, 64, 4, 4),
-                                     (128, 256, 64, 8, 4), (128, 128, 128, 8, 3)])
+                                     (128, 256, 64, 8, 4), (128, 128, 128, 8, 3),
+                                     (64, 64, 32, 4, 2)])
 
     @triton.jit
     def group_table(off_ptr, P, E, BLOCK_M: tl.constexpr, E_POW2: tl.constexpr):
@@ -164,17 +173,19 @@ if triton is not None:
         return g, row0.to(tl.int64), tl.sum(tl.where(sel, ends, 0), 0).to(tl.int64)
 
     @triton.jit
-    def _gmm_tma_kernel(a_desc, a_ptr, b_desc, c_ptr, pre_ptr, off_ptr, gidx_ptr,
+    def _gmm_tma_kernel(a_desc, a_ptr, b_desc, c_desc, c_ptr, pre_ptr, off_ptr, gidx_ptr,
                         P, N, K, E, stride_am, stride_cm, stride_pm, P_BUCKET,
                         EPILOGUE: tl.constexpr, HAS_GATHER: tl.constexpr,
                         STORE_PRE: tl.constexpr, B_TRANS: tl.constexpr, EVEN_K: tl.constexpr,
-                        E_POW2: tl.constexpr, PERSISTENT: tl.constexpr,
+                        E_POW2: tl.constexpr, PREC: tl.constexpr, PERSISTENT: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         GROUP_M: tl.constexpr):
         """C[rows_g] = A[rows_g] @ B[g], on a persistent grid or one program per tile. B is W[g] ([K, N] rows of the
         2-D view), or W[g]^T with B_TRANS (the view's rows are then the N output columns).
         EPILOGUE 1: SwiGLU forward (W has 2N columns, gate | up; C = silu(gate) * up, and
-        with STORE_PRE the pre-activation [P, 2N] goes to pre_ptr)."""
+        with STORE_PRE the pre-activation [P, 2N] goes to pre_ptr). EPILOGUE 0 stores a
+        tile that lies inside its group by TMA (c_desc), a group's last partial tile with
+        masked pointer stores (a TMA store would clobber the next group's rows)."""
         starts, ends, tiles, cum = group_table(off_ptr, P, E, BLOCK_M, E_POW2)
         num_m = tl.sum(tiles, 0)
         num_n = tl.cdiv(N, BLOCK_N)
@@ -212,16 +223,20 @@ if triton is not None:
                     b = tl.trans(b_desc.load([b_row + n0, k0]))
                 else:
                     b = b_desc.load([b_row + k0, n0])
-                acc = tl.dot(a, b, acc)
+                acc = tl.dot(a, b, acc, input_precision=PREC)
                 if EPILOGUE == 1:
-                    acc_up = tl.dot(a, b_desc.load([b_row + k0, n0 + N]), acc_up)
+                    acc_up = tl.dot(a, b_desc.load([b_row + k0, n0 + N]), acc_up,
+                                    input_precision=PREC)
             live = g < E                                    # the zero tail stores zeros
             acc = tl.where(live, acc, 0.0)
             rn = n0 + tl.arange(0, BLOCK_N)
             cmask = rmask[:, None] & (rn < N)[None, :]
             c_ptrs = c_ptr + rm[:, None] * stride_cm + rn[None, :]
             if EPILOGUE == 0:
-                tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=cmask)
+                if row0 + BLOCK_M <= row_end:
+                    c_desc.store([row0.to(tl.int32), n0], acc.to(c_ptr.dtype.element_ty))
+                else:
+                    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=cmask)
             else:
                 acc_up = tl.where(live, acc_up, 0.0)
                 if STORE_PRE:
@@ -235,8 +250,8 @@ if triton is not None:
     def _wgrad_tma_kernel(a_desc, a_ptr, b_desc, c_ptr, off_ptr, gidx_ptr, K, N,
                           stride_am, stride_ce, stride_ck, K_BUCKET,
                           HAS_GATHER: tl.constexpr, ACCUMULATE: tl.constexpr,
-                          EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                          EVEN_K: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
         """C[e] (+)= A[rows_e]^T @ B[rows_e] for program (tile, e): A [P or T, K], B [P, N],
         C [E, K, N]. Full BLOCK_M row chunks by TMA; the last partial chunk is zeroed past
         the expert's end after its load."""
@@ -267,7 +282,7 @@ if triton is not None:
             else:
                 a = a_desc.load([r.to(tl.int32), k0])
             b = b_desc.load([r.to(tl.int32), n0])
-            acc = tl.dot(tl.trans(a), b, acc)
+            acc = tl.dot(tl.trans(a), b, acc, input_precision=PREC)
         r = start + n_full * BLOCK_M                        # the partial last chunk
         if r < end:
             rmask = (r + rr) < end
@@ -278,7 +293,7 @@ if triton is not None:
             else:
                 a = tl.where(rmask[:, None], a_desc.load([r.to(tl.int32), k0]), 0.0)
             b = tl.where(rmask[:, None], b_desc.load([r.to(tl.int32), n0]), 0.0)
-            acc = tl.dot(tl.trans(a), b, acc)
+            acc = tl.dot(tl.trans(a), b, acc, input_precision=PREC)
         rn = n0 + tl.arange(0, BLOCK_N)
         c_ptrs = c_ptr + e.to(tl.int64) * stride_ce + rk[:, None] * stride_ck + rn[None, :]
         cmask = (rk < K)[:, None] & (rn < N)[None, :]
@@ -307,34 +322,37 @@ def _desc(t: torch.Tensor) -> "TensorDescriptor":
 
 
 def launch_gmm_tma(a, w, c, pre, offsets, gather_index, n, k, epilogue, store_pre, trans_w,
-                   p_bucket, config=None):
+                   p_bucket, prec, config=None):
     """The TMA twin of grouped_gemm._launch (arguments already checked there): writes c
     (and pre) for all P rows; returns c."""
     p, e = c.shape[0], w.shape[0]
     w2 = weights_2d(w)
     a_desc = None if gather_index is not None else _desc(a)
     b_desc = _desc(w2)
+    c_desc = _desc(c) if epilogue == 0 else None   # tma_ok(c) was checked by the caller
     kernel = _swiglu_tuned if epilogue == 1 else _gmm_tuned
     if config is not None:   # a fixed config (benchmark sweeps): bypass the autotuner
         kernel = triton.heuristics(_even_k)(_gmm_tma_kernel)
-        _size_blocks(dict(config, a_desc=a_desc, b_desc=b_desc, B_TRANS=trans_w))
+        _size_blocks(dict(config, a_desc=a_desc, b_desc=b_desc, c_desc=c_desc,
+                          B_TRANS=trans_w))
     programs = num_programs(a.device)
 
     def grid(meta):   # an upper bound of the tile count (the kernel finds the exact one)
         tiles = (triton.cdiv(p, meta["BLOCK_M"]) + e) * triton.cdiv(n, meta["BLOCK_N"])
         return (min(programs, tiles) if meta["PERSISTENT"] else tiles,)
 
-    kernel[grid](a_desc, a, b_desc, c, c if pre is None else pre, offsets,
+    kernel[grid](a_desc, a, b_desc, c_desc, c, c if pre is None else pre, offsets,
                  offsets if gather_index is None else gather_index,
                  p, n, k, e, a.stride(0), c.stride(0), 0 if pre is None else pre.stride(0),
                  p_bucket, EPILOGUE=epilogue, HAS_GATHER=gather_index is not None,
                  STORE_PRE=store_pre, B_TRANS=trans_w,
-                 E_POW2=triton.next_power_of_2(e + 1),
+                 E_POW2=triton.next_power_of_2(e + 1), PREC=prec,
                  **(config or {}))
     return c
 
 
-def launch_wgrad_tma(a, dy, c, offsets, gather_index, accumulate, k_bucket, config=None):
+def launch_wgrad_tma(a, dy, c, offsets, gather_index, accumulate, k_bucket, prec,
+                     config=None):
     """The TMA twin of grouped_gemm.launch_wgrad's launch: c [E, K, N] (+)= per-expert
     A^T dY; returns c."""
     e, k, n = c.shape
@@ -348,6 +366,6 @@ def launch_wgrad_tma(a, dy, c, offsets, gather_index, accumulate, k_bucket, conf
     kernel[grid](a_desc, a, b_desc, c, offsets,
                  offsets if gather_index is None else gather_index, k, n,
                  a.stride(0), c.stride(0), c.stride(1), k_bucket,
-                 HAS_GATHER=gather_index is not None, ACCUMULATE=accumulate,
+                 HAS_GATHER=gather_index is not None, ACCUMULATE=accumulate, PREC=prec,
                  **(config or {}))
     return c
