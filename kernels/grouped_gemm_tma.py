@@ -12,9 +12,11 @@ cores. docs/kernels_notes.md has the measurements behind each choice.
   results the masked epilogue store drops. A gathered A (`gather_index`) has no TMA form on
   Hopper and is read with pointer loads, B still by TMA.
 - Forward / dgrad run on a persistent grid (one program per SM looping over tiles, `flatten`
-  so the software pipeliner overlaps one tile's epilogue with the next tile's loads). The tile
-  count comes from the device-side offsets, so there is still no host sync. Tiles of the zero
-  tail [offsets[E], P) run the K loop like any other and store zeros: the loop stays uniform.
+  so the software pipeliner overlaps one tile's epilogue with the next tile's loads) or one
+  program per tile, whichever the autotuner measures faster. The tile count comes from the
+  device-side offsets, so there is still no host sync. The zero tail [offsets[E], P) is not in
+  the tile loop (hard IRL mode parks its inactive rows there, up to half of P): a second small
+  kernel writes its zeros.
 - wgrad keeps one program per (expert, K-tile, N-tile) output tile (its K loop is the
   expert's rows: long, so an epilogue costs little); full row chunks come by TMA, the last
   partial chunk is masked after the load (rows past the expert's end belong to the next one).
@@ -187,7 +189,7 @@ if triton is not None:
         tile that lies inside its group by TMA (c_desc), a group's last partial tile with
         masked pointer stores (a TMA store would clobber the next group's rows)."""
         starts, ends, tiles, cum = group_table(off_ptr, P, E, BLOCK_M, E_POW2)
-        num_m = tl.sum(tiles, 0)
+        num_m = tl.sum(tl.where(tl.arange(0, E_POW2) < E, tiles, 0), 0)   # experts only
         num_n = tl.cdiv(N, BLOCK_N)
         k_tiles = tl.cdiv(K, BLOCK_K)
         per_group = GROUP_M * num_n
@@ -199,9 +201,8 @@ if triton is not None:
             pid_m = first_m + (tile % per_group) % size_m
             pid_n = (tile % per_group) // size_m
             g, row0, row_end = group_of(starts, ends, tiles, cum, pid_m, BLOCK_M, E_POW2)
-            gb = tl.minimum(g, E - 1)                      # the zero tail reads expert E-1
             n0 = pid_n * BLOCK_N
-            b_row = gb * (N if B_TRANS else K)
+            b_row = g * (N if B_TRANS else K)
             rm = row0 + tl.arange(0, BLOCK_M)
             rmask = rm < row_end
             if HAS_GATHER:
@@ -227,8 +228,6 @@ if triton is not None:
                 if EPILOGUE == 1:
                     acc_up = tl.dot(a, b_desc.load([b_row + k0, n0 + N]), acc_up,
                                     input_precision=PREC)
-            live = g < E                                    # the zero tail stores zeros
-            acc = tl.where(live, acc, 0.0)
             rn = n0 + tl.arange(0, BLOCK_N)
             cmask = rmask[:, None] & (rn < N)[None, :]
             c_ptrs = c_ptr + rm[:, None] * stride_cm + rn[None, :]
@@ -238,7 +237,6 @@ if triton is not None:
                 else:
                     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=cmask)
             else:
-                acc_up = tl.where(live, acc_up, 0.0)
                 if STORE_PRE:
                     p_ptrs = pre_ptr + rm[:, None] * stride_pm + rn[None, :]
                     tl.store(p_ptrs, acc.to(pre_ptr.dtype.element_ty), mask=cmask)
@@ -301,6 +299,19 @@ if triton is not None:
             acc += tl.load(c_ptrs, mask=cmask, other=0.0)
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=cmask)
 
+    @triton.jit
+    def _zero_tail_kernel(c_ptr, off_ptr, P, N, E, stride_cm, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr):
+        """Rows [offsets[E], P) of C [P, N] := 0; programs before the tail return at once."""
+        rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        tail = tl.load(off_ptr + E)
+        if tl.program_id(0) * BLOCK_M + BLOCK_M <= tail:
+            return
+        rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask = ((rm >= tail) & (rm < P))[:, None] & (rn < N)[None, :]
+        zero = tl.zeros((BLOCK_M, BLOCK_N), dtype=c_ptr.dtype.element_ty)
+        tl.store(c_ptr + rm.to(tl.int64)[:, None] * stride_cm + rn[None, :], zero, mask=mask)
+
     _even_k = {"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0}
     _prune = {"early_config_prune": fits_smem}
     _gmm_tuned = triton.autotune(_GMM_CFG, key=["N", "K", "P_BUCKET", "EPILOGUE", "B_TRANS",
@@ -341,6 +352,9 @@ def launch_gmm_tma(a, w, c, pre, offsets, gather_index, n, k, epilogue, store_pr
         tiles = (triton.cdiv(p, meta["BLOCK_M"]) + e) * triton.cdiv(n, meta["BLOCK_N"])
         return (min(programs, tiles) if meta["PERSISTENT"] else tiles,)
 
+    for out in (c, pre):
+        if out is not None:
+            zero_tail(out, offsets, e)
     kernel[grid](a_desc, a, b_desc, c_desc, c, c if pre is None else pre, offsets,
                  offsets if gather_index is None else gather_index,
                  p, n, k, e, a.stride(0), c.stride(0), 0 if pre is None else pre.stride(0),
@@ -349,6 +363,14 @@ def launch_gmm_tma(a, w, c, pre, offsets, gather_index, n, k, epilogue, store_pr
                  E_POW2=triton.next_power_of_2(e + 1), PREC=prec,
                  **(config or {}))
     return c
+
+
+def zero_tail(c: torch.Tensor, offsets: torch.Tensor, e: int) -> None:
+    """c[offsets[e]:] = 0 without reading offsets on the host."""
+    p, n = c.shape
+    bm, bn = (16, 16) if _interpreting() else (64, 128)
+    _zero_tail_kernel[(triton.cdiv(p, bm), triton.cdiv(n, bn))](c, offsets, p, n, e, c.stride(0),
+                                                                BLOCK_M=bm, BLOCK_N=bn)
 
 
 def launch_wgrad_tma(a, dy, c, offsets, gather_index, accumulate, k_bucket, prec,

@@ -234,43 +234,51 @@ def check_bf16(shape=(8, 768, 2048), p=32768):
 
 def bench_hard_mode(shape, p, rep):
     """S = 2 expert MLP steps on shared weights (fp32 wgrad accumulation). Soft: both steps on
-    all rows. Hard: step 2 on the compacted half of each expert's rows (gather_index)."""
+    all rows. Hard, as the MoC experts run it (megatron_moc/moc/experts.py `_hard_step`):
+    step 2 permutes the rows so each expert's active half comes first and the inactive rows
+    form the zero tail, runs the MLP on those offsets, and permutes back (both directions,
+    forward and backward, are gathers). Also timed: step 2 reading the active rows through
+    the kernels' gather_index (dX then scatters back with index_add)."""
+    from megatron_moc.moc.experts import permute_rows
     e, d, f = shape
     offsets, counts = routing(p, e, "balanced")
     bf = dict(device=DEV, dtype=torch.bfloat16)
     w13 = (torch.randn(e, d, 2 * f, **bf) / d ** 0.5).requires_grad_()
     w2 = (torch.randn(e, f, d, **bf) / f ** 0.5).requires_grad_()
-    keep = torch.arange(0, p, 2, device=DEV)          # every other row stays active
-    kept = torch.tensor([(c + 1) // 2 if lo % 2 == 0 else c // 2
-                         for lo, c in zip(offsets[:-1].tolist(), counts)])
-    off2 = torch.zeros(e + 1, dtype=torch.int64)
-    off2[1:] = kept.cumsum(0)
-    off2 = off2.to(DEV)
+    active = torch.arange(p, device=DEV) % 2 == 0      # every other row stays active
+    expert = torch.repeat_interleave(torch.arange(e, device=DEV),
+                                     torch.tensor(counts, device=DEV))
+    order = torch.argsort(expert + e * (~active).long(), stable=True)
+    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(p, device=DEV))
+    off2 = torch.zeros(e + 1, dtype=torch.int64, device=DEV)
+    off2[1:] = torch.bincount(expert[active], minlength=e).cumsum(0)
+    keep = order[: int(active.sum())]                  # the active rows, by expert
     xs = [torch.randn(p, d, **bf).requires_grad_() for _ in range(ROT)]
     rot = Rot(xs)
 
-    def step2(hard):
+    def step2(mode):
         x = rot.next()
         acc = gg.WeightGradAccumulator()
         w13_t, w2_t = acc.track(w13, w2)
         h1 = expert_swiglu_mlp(x, w13_t, w2_t, offsets, wgrad_acc=acc)
-        if hard:
-            h2 = expert_swiglu_mlp(h1, w13_t, w2_t, off2, keep, wgrad_acc=acc)
-        else:
+        if mode == "soft":
             h2 = expert_swiglu_mlp(h1, w13_t, w2_t, offsets, wgrad_acc=acc)
+        elif mode == "hard":
+            h2 = permute_rows(expert_swiglu_mlp(permute_rows(h1, order, inverse), w13_t, w2_t,
+                                                off2, wgrad_acc=acc), inverse, order)
+        else:
+            h2 = expert_swiglu_mlp(h1, w13_t, w2_t, off2, keep, wgrad_acc=acc)
         (h1.sum() + h2.sum()).backward()
 
-    t_soft = bench(lambda: step2(False), grad_to_none=xs + [w13, w2], rep=rep)
-    t_hard = bench(lambda: step2(True), grad_to_none=xs + [w13, w2], rep=rep)
-    old, tma.GATHER = tma.GATHER, not tma.GATHER      # the gathered GEMMs on the other path
-    t_hard_alt = bench(lambda: step2(True), grad_to_none=xs + [w13, w2], rep=rep)
-    tma.GATHER = old
-    red = 1 - t_hard / t_soft
-    print(f"  hard mode {shape}: soft {t_soft:.3f} ms  hard {t_hard:.3f} ms  "
-          f"reduction {100 * red:.1f}% (ideal 25%); gathered GEMMs on the "
-          f"{'pointer' if old else 'TMA'} kernels instead: hard {t_hard_alt:.3f} ms", flush=True)
-    return dict(part="hard_mode", E=e, d=d, f=f, soft_ms=t_soft, hard_ms=t_hard, reduction=red,
-                gather_tma=old, hard_ms_other_gather_path=t_hard_alt)
+    t = {m: bench(lambda: step2(m), grad_to_none=xs + [w13, w2], rep=rep)
+         for m in ("soft", "hard", "hard_gather")}
+    red = 1 - t["hard"] / t["soft"]
+    print(f"  hard mode {shape}: soft {t['soft']:.3f} ms  hard {t['hard']:.3f} ms  "
+          f"reduction {100 * red:.1f}% (ideal 25%); through gather_index: "
+          f"{t['hard_gather']:.3f} ms ({100 * (1 - t['hard_gather'] / t['soft']):.1f}%)",
+          flush=True)
+    return dict(part="hard_mode", E=e, d=d, f=f, soft_ms=t["soft"], hard_ms=t["hard"],
+                reduction=red, hard_gather_ms=t["hard_gather"])
 
 
 def probe_hard(shape, p, rep):
