@@ -182,12 +182,14 @@ if triton is not None:
                         E_POW2: tl.constexpr, PREC: tl.constexpr, PERSISTENT: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         GROUP_M: tl.constexpr):
-        """C[rows_g] = A[rows_g] @ B[g], on a persistent grid or one program per tile. B is W[g] ([K, N] rows of the
-        2-D view), or W[g]^T with B_TRANS (the view's rows are then the N output columns).
-        EPILOGUE 1: SwiGLU forward (W has 2N columns, gate | up; C = silu(gate) * up, and
-        with STORE_PRE the pre-activation [P, 2N] goes to pre_ptr). EPILOGUE 0 stores a
-        tile that lies inside its group by TMA (c_desc), a group's last partial tile with
-        masked pointer stores (a TMA store would clobber the next group's rows)."""
+        """C[rows_g] = A[rows_g] @ B[g], on a persistent grid or one program per tile. B is
+        W[g] ([K, N] rows of the 2-D view), or W[g]^T with B_TRANS (the view's rows are then
+        the N output columns). EPILOGUE 1: SwiGLU forward (W has 2N columns, gate | up;
+        C = silu(gate) * up, and with STORE_PRE the pre-activation [P, 2N] goes to pre_ptr).
+        One program per tile, EPILOGUE 0 stores a tile that lies inside its group by TMA
+        (c_desc) and a group's last partial tile with masked pointer stores (a TMA store
+        would clobber the next group's rows); the persistent loop stores by pointer only
+        (Triton 3.6's loop flattening rejects the branch)."""
         starts, ends, tiles, cum = group_table(off_ptr, P, E, BLOCK_M, E_POW2)
         num_m = tl.sum(tl.where(tl.arange(0, E_POW2) < E, tiles, 0), 0)   # experts only
         num_n = tl.cdiv(N, BLOCK_N)
@@ -231,7 +233,9 @@ if triton is not None:
             rn = n0 + tl.arange(0, BLOCK_N)
             cmask = rmask[:, None] & (rn < N)[None, :]
             c_ptrs = c_ptr + rm[:, None] * stride_cm + rn[None, :]
-            if EPILOGUE == 0:
+            if EPILOGUE == 0 and PERSISTENT:
+                tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=cmask)
+            elif EPILOGUE == 0:
                 if row0 + BLOCK_M <= row_end:
                     c_desc.store([row0.to(tl.int32), n0], acc.to(c_ptr.dtype.element_ty))
                 else:
