@@ -4,8 +4,15 @@ ours and the research code's side by side.
     python tools/bench_throughput.py --preset 500m --kinds moe moc moc_hard --compile --cuda-graph
     python tools/bench_throughput.py --impl research --preset 500m --kinds moe moc moc_hard
     python tools/bench_throughput.py --preset 1b --kinds moe moc --compile --cuda-graph --micro-batch 4 8
+    python tools/bench_throughput.py --preset 1b --kinds moe --compile --cuda-graph \
+        --micro-batch 8 --grad-accum 4
 
-One training step = forward, backward, gradient clipping (max norm 1), fused AdamW step.
+One training step = forward and backward of `--grad-accum` N micro-batches (each its own random
+tokens; loss_i / N backpropagated, gradients accumulated, as the trainer does with DeepSpeed:
+the 1B recipe's global batch 256 is micro 8 × 32 on one GPU), then gradient clipping (max norm 1)
+and one fused AdamW step (megatron_moc/training/cuda_graph.py `accumulated_step`; with
+`--cuda-graph` all N micro-batches and the optimizer step are in the one graph). tok/s and
+MFU count the N × micro × seq tokens of a step.
 - ours (`--impl ours`): `lm_loss` of a bf16 model (bf16 parameters and activations; router,
   gates, softmaxes and losses in fp32 inside the layer). `--compile` sets `moc_compile`
   (model/compile.py), `--recompute` sets `moc_recompute`, `--cuda-graph` captures the whole
@@ -148,6 +155,7 @@ def _sync(device):
 
 def bench(args, kind: str, micro_batch: int) -> dict:
     from megatron_moc.model.params import count_parameters
+    from megatron_moc.training.cuda_graph import accumulated_step
     from megatron_moc.training.metrics import model_flops_per_token
 
     torch.manual_seed(0)
@@ -159,23 +167,21 @@ def bench(args, kind: str, micro_batch: int) -> dict:
     cfg, model, opt, loss_fn, _ = build(args, kind)
     model.train()
     params = list(model.parameters())
-    ids = torch.randint(0, cfg.vocab_size, (micro_batch, args.seq), device=args.device)
-    labels = torch.roll(ids, -1, 1)
+    accum = args.grad_accum   # micro-batches per step, each with its own tokens
+    ids = torch.randint(0, cfg.vocab_size, (accum, micro_batch, args.seq), device=args.device)
+    labels = torch.roll(ids, -1, -1)
 
     def step():
-        loss = loss_fn(ids, labels)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        loss = accumulated_step(loss_fn, (ids, labels), params, opt, max_grad_norm=1.0)
         opt.zero_grad(set_to_none=True)
-        return loss.detach()
+        return loss
 
     t0 = time.time()
     if args.cuda_graph:   # warmup steps run inside, then one step is captured
         from megatron_moc.training.cuda_graph import GraphedTrainStep
 
         graphed = GraphedTrainStep(loss_fn, params, opt, (ids, labels), max_grad_norm=1.0,
-                                   warmup=args.warmup)
+                                   warmup=args.warmup, grad_accum_steps=accum)
         step = lambda: graphed(ids, labels)  # noqa: E731
     else:
         for _ in range(args.warmup):
@@ -194,11 +200,11 @@ def bench(args, kind: str, micro_batch: int) -> dict:
         seconds = start.elapsed_time(end) / 1e3 / args.steps
     else:
         seconds = (time.time() - t0) / args.steps
-    tokens_per_s = micro_batch * args.seq / seconds
+    tokens_per_s = accum * micro_batch * args.seq / seconds
     flops = model_flops_per_token(cfg, args.seq)
     counts = count_parameters(cfg)
     row = dict(impl=args.impl, kind=kind, preset=args.preset, micro_batch=micro_batch,
-               seq=args.seq, compile=bool(args.compile and args.impl == "ours"),
+               grad_accum=accum, seq=args.seq, compile=bool(args.compile and args.impl == "ours"),
                cuda_graph=bool(args.cuda_graph),
                recompute=args.recompute if args.impl == "ours" else None,
                research_ckpt=args.research_ckpt if args.impl == "research" else None,
@@ -243,8 +249,9 @@ def profile_step(args, step, kind: str, micro_batch: int) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     os.makedirs(args.profile, exist_ok=True)
-    tag = (f"{args.impl}_{args.preset}_{kind}_mb{micro_batch}{'_compiled' if args.compile else ''}"
-           f"{'_graph' if args.cuda_graph else ''}")
+    tag = (f"{args.impl}_{args.preset}_{kind}_mb{micro_batch}"
+           f"{f'_ga{args.grad_accum}' if args.grad_accum > 1 else ''}"
+           f"{'_compiled' if args.compile else ''}{'_graph' if args.cuda_graph else ''}")
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
     with profile(activities=acts, record_shapes=True) as prof:
         step()
@@ -291,6 +298,8 @@ def main(argv=None) -> None:
     p.add_argument("--research-ckpt", default="none", choices=["none", "ffn", "block"])
     p.add_argument("--micro-batch", type=int, nargs="+", default=[8],
                    help="one row per size; a size that runs out of memory is reported as such")
+    p.add_argument("--grad-accum", type=int, default=1,
+                   help="micro-batches per optimizer step (gradient accumulation)")
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
@@ -299,6 +308,8 @@ def main(argv=None) -> None:
     p.add_argument("--profile-top", type=int, default=25)
     p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak (H100 SXM)")
     args = p.parse_args(argv)
+    if args.grad_accum < 1:
+        p.error("--grad-accum must be >= 1")
     if args.cuda_graph and (args.impl != "ours" or args.device != "cuda"):
         p.error("--cuda-graph: ours on CUDA only (the research code reads expert counts back "
                 "to the host every layer)")
@@ -317,7 +328,7 @@ def main(argv=None) -> None:
                 row = bench(args, kind, mb)
             except torch.cuda.OutOfMemoryError as e:
                 row = dict(impl=args.impl, kind=kind, preset=args.preset, micro_batch=mb,
-                           oom=str(e).split("\n")[0][:200])
+                           grad_accum=args.grad_accum, oom=str(e).split("\n")[0][:200])
             row["wall_s"] = time.time() - t
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -328,12 +339,15 @@ def main(argv=None) -> None:
             gc.collect()    # the captured graph and its memory pool go with the last step
             if args.device == "cuda":
                 torch.cuda.empty_cache()
-    print(f"\n{'impl':9} {'kind':9} {'mb':>3} {'tok/s':>9} {'MFU':>6} {'step ms':>8} {'GiB':>6}")
+    print(f"\n{'impl':9} {'kind':9} {'mb':>3} {'acc':>3} {'tok/s':>9} {'MFU':>6} {'step ms':>8} "
+          f"{'GiB':>6}")
     for r in rows:
         if "oom" in r:
-            print(f"{r['impl']:9} {r['kind']:9} {r['micro_batch']:3d}  out of memory")
+            print(f"{r['impl']:9} {r['kind']:9} {r['micro_batch']:3d} {r['grad_accum']:3d}  "
+                  "out of memory")
             continue
-        print(f"{r['impl']:9} {r['kind']:9} {r['micro_batch']:3d} {r['tokens_per_s']:9.0f} "
+        print(f"{r['impl']:9} {r['kind']:9} {r['micro_batch']:3d} {r['grad_accum']:3d} "
+              f"{r['tokens_per_s']:9.0f} "
               f"{r['mfu']:6.1%} {r['step_ms']:8.1f} {r.get('peak_mem_gib', 0):6.1f}")
 
 

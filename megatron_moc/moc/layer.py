@@ -30,7 +30,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from torch import nn
 
 from megatron_moc.moc.adaptive import gate_entropy_beta
-from megatron_moc.moc.dispatch import combine, dispatch, plan_dispatch
+from megatron_moc.moc.dispatch import dispatch, plan_dispatch
 
 
 @dataclass
@@ -121,14 +121,14 @@ class MoCLayer(nn.Module):
         else:
             h_PD, expected_steps_P = self.experts(dispatch(x_ND, plan), plan.expert_P,
                                                   plan.offsets_E1)
-        states_NKD = combine(h_PD, plan, routing.keep_NK)
-        result = self.combiner(x_ND, states_NKD, routing.probs_NK, routing.keep_NK)
-        fused = torch.where(routing.keep_NK.any(-1, keepdim=True), result.fused_ND.to(x_ND.dtype), x_ND)
-        out = self.o_proj(fused)
+        # combine [N, K, D] (dropped pairs zeroed, tokens without a kept pair fall back to x)
+        # happens inside the combiner (mediator.py): compiled, those passes fuse there.
+        result = self.combiner(x_ND, h_PD, plan, routing.probs_NK, routing.keep_NK)
+        out = self.o_proj(result.fused_ND)
 
         # IRL step statistics over kept pairs (rows before offsets[E]).
         kept_rows = (torch.arange(h_PD.shape[0], device=x_ND.device) < plan.offsets_E1[-1])
-        num_kept = kept_rows.sum().clamp_min(1)
+        num_kept = plan.offsets_E1[-1].clamp_min(1)
         avg_steps = (expected_steps_P * kept_rows).sum() / num_kept
         step_penalty = self.config.moc_step_penalty_coeff * avg_steps / self.experts.steps
         self.last_aux_loss = routing.aux_loss + step_penalty + result.aux_loss
@@ -148,10 +148,11 @@ class MoCLayer(nn.Module):
     def _stats(self, routing, plan, avg_steps, result, gate_h=None) -> RoutingStats:
         E = self.num_experts
         experts = routing.experts_NK.reshape(-1)
-        ones = torch.ones_like(experts, dtype=torch.float32)
-        requested = torch.zeros(E, device=experts.device).scatter_add_(0, experts, ones)
-        kept = torch.zeros(E, device=experts.device).scatter_add_(
-            0, experts, routing.keep_NK.reshape(-1).float())
+        # Counts without scatter_add_ (float atomics, all N·K pairs contending for E bins):
+        # a one-hot sum, and the kept counts the plan already holds as offsets.
+        experts_E = torch.arange(E, device=experts.device)
+        requested = (experts.unsqueeze(1) == experts_E).sum(0).float()
+        kept = plan.offsets_E1.diff().float()
         probs = routing.probs_NE
         entropy = -(probs * probs.clamp_min(1e-9).log()).sum(-1).mean()
         zero = torch.zeros((), device=experts.device)

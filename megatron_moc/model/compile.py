@@ -9,15 +9,16 @@ over memory, compiled they fuse into a handful of kernels. What gets compiled (`
     every RMSNorm not inside one of the above                         input / pre-MLP / QK norms
     the token cross-entropy (MoCGPTModel.compute_language_model_loss) fp32 CE, fused
     Megatron's unfused RoPE function (`_compile_megatron_rope`)       q and k rotation
+    the dispatch gather's backward (moc/dispatch.py `sum_slot_rows`)  gather + sum over K
 
 Each region is one module, compiled with `module.compile()` (static shapes: a training run
 has one micro-batch shape); the layers share their compiled code (PyTorch inlines nn.Module
 parameters as graph inputs). The grouped expert MLP inside IRLExperts is an opaque custom op
 (kernels/expert_mlp_op.py), so the IRL step loop compiles into one graph. Left eager: Megatron's
 TransformerLayer / SelfAttention glue (its helpers warn and read process groups per call,
-which break graphs), the MoC layer's dispatch / combine glue (with expert parallelism it
-holds the all-to-all and its host-synced split sizes), and the experts when EP > 1 (their row
-count changes every step).
+which break graphs), the MoC layer's dispatch glue (with expert parallelism it holds the
+all-to-all and its host-synced split sizes; the combine gather runs in the compiled combiner),
+and the experts when EP > 1 (their row count changes every step).
 
 Nothing here reads back to the host; the compiled graphs hold no host syncs either (router
 capacity comes from the static token count).
@@ -60,6 +61,7 @@ def compile_regions(model: torch.nn.Module) -> list:
     if hasattr(model, "compile_loss"):
         model.compile_loss = True
     _compile_megatron_rope()
+    _compile_dispatch_backward()
     return names
 
 
@@ -76,6 +78,20 @@ def _compile_megatron_rope() -> None:
         compiled = torch.compile(fn, dynamic=False)
         compiled._moc_compiled = True
         rope_utils._apply_rotary_pos_emb_bshd = compiled
+
+
+def _compile_dispatch_backward() -> None:
+    """The dispatch gather's backward sums each token's K row gradients (dispatch.py
+    `sum_slot_rows`): eagerly a gather writing [P, D] and a sum reading it back; compiled, one
+    kernel reads the K rows and writes the token's sum. Swapped process-wide like the RoPE
+    function (the backward looks the name up at call time; same math)."""
+    from megatron_moc.moc import dispatch
+
+    fn = dispatch.sum_slot_rows
+    if not getattr(fn, "_moc_compiled", False):
+        compiled = torch.compile(fn, dynamic=False)
+        compiled._moc_compiled = True
+        dispatch.sum_slot_rows = compiled
 
 
 def token_cross_entropy(logits_SBV: torch.Tensor, labels_BS: torch.Tensor) -> torch.Tensor:

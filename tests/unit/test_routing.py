@@ -38,9 +38,67 @@ def test_dispatch_then_combine_is_identity_on_kept_pairs():
     for e in range(E):
         seg = plan.expert_P[plan.offsets_E1[e]:plan.offsets_E1[e + 1]]
         assert (seg == e).all()
-    states = combine(rows, plan, keep)
-    expected = x.unsqueeze(1).expand(N, K, D) * keep.unsqueeze(-1)
-    assert torch.equal(states, expected)
+    # combine is the exact inverse on every pair (dropped ones too: the combiners mask them)
+    assert torch.equal(combine(rows, plan), x.unsqueeze(1).expand(N, K, D))
+    assert torch.equal(plan.pair_P[plan.row_NK.reshape(-1)], torch.arange(N * K))
+
+
+def _old_dispatch_combine(x, plan, keep):
+    """The former path: index_select (backward: index_add_) and zeros.index_copy · keep."""
+    rows = x.index_select(0, plan.token_P)
+    h = rows * torch.arange(1, rows.shape[0] + 1, dtype=x.dtype).unsqueeze(-1)  # row-distinct
+    states = h.new_zeros(h.shape).index_copy(0, plan.pair_P, h)
+    return states.view(-1, plan.num_slots, x.shape[1]) * keep.unsqueeze(-1).to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("num_slots", [1, 2, 3])
+def test_gather_backwards_match_index_add_path(dtype, num_slots):
+    """dispatch / combine (gathers both ways) against index_select + index_copy: values and
+    dx, with capacity drops and a token whose pairs are all dropped."""
+    from megatron_moc.moc.mediator import mask_dropped
+
+    torch.manual_seed(0)
+    N, E, D = 9, 4, 6
+    experts = torch.stack([torch.randperm(E)[:num_slots] for _ in range(N)])
+    keep = torch.rand(N, num_slots) > 0.35
+    keep[4] = False                                   # a token with every pair dropped
+    keep[0] = True
+    plan = plan_dispatch(experts, keep, E)
+    x = torch.randn(N, D, dtype=torch.float64).to(dtype)
+    probe = torch.randn(N, num_slots, D, dtype=torch.float64).to(dtype)
+    outs, grads = [], []
+    for new in (True, False):
+        xr = x.clone().requires_grad_(True)
+        if new:
+            rows = dispatch(xr, plan)
+            h = rows * torch.arange(1, rows.shape[0] + 1, dtype=dtype).unsqueeze(-1)
+            states = mask_dropped(combine(h, plan), keep)
+        else:
+            states = _old_dispatch_combine(xr, plan, keep)
+        (grad,) = torch.autograd.grad((states * probe).sum(), xr)
+        outs.append(states)
+        grads.append(grad)
+    assert torch.equal(outs[0], outs[1])
+    assert torch.equal(outs[0][4], torch.zeros(num_slots, D, dtype=dtype))
+    if num_slots < 3:   # a + b is the same number in either order
+        assert torch.equal(grads[0], grads[1])
+    else:   # K = 3: another summation order (and in bf16 one rounding instead of two)
+        tol = 1e-12 if dtype == torch.float64 else 2e-2
+        torch.testing.assert_close(grads[0], grads[1], rtol=tol, atol=tol)
+    assert torch.equal(grads[0][4], torch.zeros(D, dtype=dtype))   # all-dropped token: dx = 0
+
+
+def test_dispatch_backward_sums_in_fp32():
+    """The K copies' gradients are summed in fp32 and rounded once: 1 + 2^-8 + 2^-8 is
+    1 + 2^-7 in bf16, where rounding after each add (index_add_) loses both halves."""
+    experts = torch.tensor([[0, 1, 2]])
+    plan = plan_dispatch(experts, torch.ones(1, 3, dtype=torch.bool), 3)
+    x = torch.zeros(1, 1, dtype=torch.bfloat16, requires_grad=True)
+    rows = dispatch(x, plan)
+    grad_P = torch.tensor([[1.0], [2 ** -8], [2 ** -8]], dtype=torch.bfloat16)
+    (dx,) = torch.autograd.grad(rows, x, grad_P)
+    assert dx.item() == 1 + 2 ** -7
 
 
 def test_expert_with_zero_tokens_and_backends_agree():
