@@ -225,7 +225,9 @@ def bench(args, kind: str, micro_batch: int) -> dict:
 
 # ----------------------------------------------------------------------------- profiling
 _CATEGORIES = (  # (category, substrings of a kernel name, first match wins)
-    ("expert grouped GEMM (Triton)", ("_gmm_kernel", "_wgrad_kernel", "_swiglu_bwd")),
+    ("expert grouped GEMM (Triton)", ("_gmm_kernel", "_wgrad_kernel", "_swiglu_bwd",
+                                      "_gmm_tma_kernel", "_wgrad_tma_kernel",
+                                      "_zero_tail_kernel")),
     ("attention (flash / SDPA)", ("flash", "fmha", "attention", "sdpa")),
     ("GEMM (cuBLAS / CUTLASS)", ("gemm", "cutlass", "cublas", "sm90_xmma", "nvjet", "wgmma")),
     ("fused elementwise / reductions (inductor)", ("triton_",)),
