@@ -79,6 +79,15 @@ class WeightedSumCombiner(nn.Module):
         return x_ND.new_zeros((), dtype=torch.float64 if x_ND.dtype == torch.float64 else torch.float32)
 
 
+def _scalar_gate(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """linear(x) for a D -> 1 linear (the feedback and fusion gates), as a product and a sum
+    over D: compiled, it fuses into the neighbouring elementwise work, where cuBLAS ran an
+    unaligned one-column GEMM per call (1B MoC, one H100: 0.043 ms a call, 5 a layer, forward
+    alone). Same math, fp32 accumulation either way."""
+    out = (x * linear.weight.view(-1)).sum(-1, keepdim=True)
+    return out if linear.bias is None else out + linear.bias
+
+
 def _linear(config, d_in: int, d_out: int, bias: bool = False) -> nn.Linear:
     layer = nn.Linear(d_in, d_out, bias=bias, dtype=config.params_dtype)
     config.init_method(layer.weight)
@@ -147,8 +156,8 @@ class MediatorCombiner(nn.Module):
         if self.med_to_exp is None:
             return new_mediator, states_NKD
         feedback_ND = self.med_to_exp(self.mediator_norm(new_mediator))
-        gate_NK1 = torch.sigmoid(self.exp_feedback_e(states_NKD)
-                                 + self.exp_feedback_m(new_mediator).unsqueeze(1))
+        gate_NK1 = torch.sigmoid(_scalar_gate(self.exp_feedback_e, states_NKD)
+                                 + _scalar_gate(self.exp_feedback_m, new_mediator).unsqueeze(1))
         new_states = (states_NKD + gate_NK1 * feedback_ND.unsqueeze(1)) * keep_NK.unsqueeze(-1).to(states_NKD.dtype)
         return new_mediator, new_states
 
@@ -199,7 +208,7 @@ class MediatorCombiner(nn.Module):
             mediator = mediator + c * (new_mediator - mediator)
             states_NKD = states_NKD + c.unsqueeze(-1) * (new_states - states_NKD)
         ws = weighted_sum(states_NKD * keep_NK.unsqueeze(-1).to(states_NKD.dtype), w_NK)
-        gamma_N1 = torch.sigmoid(self.fuse_gate(x_ND.to(ws.dtype)))
+        gamma_N1 = torch.sigmoid(_scalar_gate(self.fuse_gate, x_ND.to(ws.dtype)))
         fused = gamma_N1 * mediator + (1 - gamma_N1) * ws
         penalty = x_ND.new_zeros((), dtype=expected_N.dtype)
         if cfg.moc_round_penalty_coeff > 0:
