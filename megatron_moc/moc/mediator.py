@@ -84,7 +84,8 @@ def _scalar_gate(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     over D: compiled, it fuses into the neighbouring elementwise work, where cuBLAS ran an
     unaligned one-column GEMM per call (1B MoC, one H100: 0.043 ms a call, 5 a layer, forward
     alone). Same math, fp32 accumulation either way."""
-    out = (x * linear.weight.view(-1)).sum(-1, keepdim=True)
+    out = (x.unsqueeze(-2) * linear.weight).sum(-1)   # weight [1, D] as is: a view of the
+    # parameter made the compiled backward return a [D] gradient for it (seen on the GPU)
     return out if linear.bias is None else out + linear.bias
 
 
