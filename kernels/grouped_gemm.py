@@ -28,6 +28,10 @@ Public API
         for callers that manage autograd themselves; launch_wgrad(..., accumulate_into=buf)
         adds into an fp32 [E, K, N] buffer.
 
+On Hopper-class GPUs (and in the CPU interpreter) the launchers hand off to the TMA kernels
+of kernels/grouped_gemm_tma.py (same contracts; MOC_GMM_TMA=on/off/auto); the pointer kernels
+below run elsewhere, for fp32 on the GPU, and for shapes TMA cannot address.
+
 No host sync on the path: the grid is sized from P and E alone (cdiv(P, BLOCK_M) + E row
 tiles cover every expert's tiles plus the zero tail, since sum_g ceil(n_g/B) <=
 ceil(sum_g n_g/B) + groups - 1); each program finds its expert from offsets on the device and
