@@ -52,6 +52,8 @@ except ImportError:          # the CPU path runs without Triton (STYLE rule 13)
     triton = None
 
 _IS_HIP = torch.version.hip is not None
+if triton is not None:
+    from kernels.grouped_gemm_tma import group_of, group_table   # the shared tile map
 
 
 def _configs(shapes, extra=None):
@@ -92,16 +94,8 @@ if triton is not None:
     def _find_group(off_ptr, pid_m, P, E, BLOCK_M: tl.constexpr, E_POW2: tl.constexpr):
         """Row tile pid_m -> (group g, first row, end row). Groups 0..E-1 are the experts,
         group E is the zero tail [offsets[E], P); g > E means this tile slot is idle."""
-        idx = tl.arange(0, E_POW2)
-        starts = tl.load(off_ptr + idx, mask=idx <= E, other=P)
-        ends = tl.load(off_ptr + idx + 1, mask=idx < E, other=P)
-        tiles = ((ends - starts + BLOCK_M - 1) // BLOCK_M).to(tl.int32)
-        cum = tl.cumsum(tiles, 0)
-        g = tl.sum((cum <= pid_m).to(tl.int32), 0)
-        sel = idx == g
-        first_tile = tl.sum(tl.where(sel, cum - tiles, 0), 0)
-        row0 = tl.sum(tl.where(sel, starts, 0), 0) + (pid_m - first_tile) * BLOCK_M
-        return g, row0.to(tl.int64), tl.sum(tl.where(sel, ends, 0), 0).to(tl.int64)
+        starts, ends, tiles, cum = group_table(off_ptr, P, E, BLOCK_M, E_POW2)
+        return group_of(starts, ends, tiles, cum, pid_m, BLOCK_M, E_POW2)
 
     @triton.jit
     def _gmm_kernel(a_ptr, b_ptr, c_ptr, pre_ptr, off_ptr, gidx_ptr,
