@@ -239,7 +239,7 @@ def bench_hard_mode(shape, p, rep):
     form the zero tail, runs the MLP on those offsets, and permutes back (both directions,
     forward and backward, are gathers). Also timed: step 2 reading the active rows through
     the kernels' gather_index (dX then scatters back with index_add)."""
-    from megatron_moc.moc.experts import permute_rows
+    from megatron_moc.moc.dispatch import permute_rows
     e, d, f = shape
     offsets, counts = routing(p, e, "balanced")
     bf = dict(device=DEV, dtype=torch.bfloat16)

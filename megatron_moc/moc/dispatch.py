@@ -72,18 +72,23 @@ class _DispatchRows(torch.autograd.Function):
         return sum_slot_rows(grad_PD, row_NK), None, None
 
 
-class _CombineRows(torch.autograd.Function):
-    """states[n·K + k] = h[row_NK[n, k]]; backward dh[p] = dstates[pair_P[p]] (a permutation)."""
+class _PermuteRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, perm, inverse):
+        ctx.save_for_backward(inverse)
+        return x.index_select(0, perm)
 
     @staticmethod
-    def forward(ctx, h_PD, row_NK, pair_P):
-        ctx.save_for_backward(pair_P)
-        return h_PD.index_select(0, row_NK.reshape(-1)).view(*row_NK.shape, h_PD.shape[-1])
+    def backward(ctx, grad):
+        inverse, = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
 
-    @staticmethod
-    def backward(ctx, grad_NKD):
-        pair_P, = ctx.saved_tensors
-        return grad_NKD.reshape(-1, grad_NKD.shape[-1]).index_select(0, pair_P), None, None
+
+def permute_rows(x_PD: torch.Tensor, perm_P: torch.Tensor, inverse_P: torch.Tensor):
+    """x[perm] for a permutation `perm` of the rows (`inverse` its inverse). Its backward is
+    the gather grad[inverse], where index_select's is a scatter-add with atomics (the
+    hard-mode compaction's gathers and scatter, fwd + bwd)."""
+    return _PermuteRows.apply(x_PD, perm_P, inverse_P)
 
 
 def dispatch(x_ND: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
@@ -96,4 +101,6 @@ def combine(h_PD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
     holds its row as the experts left it (x plus zero updates). The combiners call this and
     zero dropped pairs (`mediator.token_states`) inside their compiled region, where the
     gather and the mask fuse into the first use instead of costing eager passes."""
-    return _CombineRows.apply(h_PD, plan.row_NK, plan.pair_P)
+    # row_NK and pair_P are inverse permutations: the backward is the gather by pair_P
+    states = permute_rows(h_PD, plan.row_NK.reshape(-1), plan.pair_P)
+    return states.view(*plan.row_NK.shape, h_PD.shape[-1])

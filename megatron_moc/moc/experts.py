@@ -30,6 +30,7 @@ from torch.utils.checkpoint import checkpoint
 
 from megatron_moc.model.norm import rms_norm
 from megatron_moc.moc.adaptive import gate_entropy, step_activity
+from megatron_moc.moc.dispatch import permute_rows
 
 log = logging.getLogger(__name__)
 _LOGGED = set()
@@ -106,25 +107,6 @@ def rows_of(weight_ED: torch.Tensor, expert_P: torch.Tensor) -> torch.Tensor:
     experts_E = torch.arange(weight_ED.shape[0], device=expert_P.device)
     onehot_PE = (expert_P.unsqueeze(1) == experts_E).to(weight_ED.dtype)  # F.one_hot syncs
     return onehot_PE @ weight_ED
-
-
-class _PermuteRows(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, perm, inverse):
-        ctx.save_for_backward(inverse)
-        return x.index_select(0, perm)
-
-    @staticmethod
-    def backward(ctx, grad):
-        inverse, = ctx.saved_tensors
-        return grad.index_select(0, inverse), None, None
-
-
-def permute_rows(x_PD: torch.Tensor, perm_P: torch.Tensor, inverse_P: torch.Tensor):
-    """x[perm] for a permutation `perm` of the rows (`inverse` its inverse). Its backward is
-    the gather grad[inverse], where index_select's is a scatter-add with atomics (the
-    hard-mode compaction's gathers and scatter, fwd + bwd)."""
-    return _PermuteRows.apply(x_PD, perm_P, inverse_P)
 
 
 # ----------------------------------------------------------------------------- module
