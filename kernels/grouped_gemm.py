@@ -53,7 +53,7 @@ except ImportError:          # the CPU path runs without Triton (STYLE rule 13)
 
 _IS_HIP = torch.version.hip is not None
 if triton is not None:
-    from kernels.grouped_gemm_tma import group_of, group_table   # the shared tile map
+    from kernels.grouped_gemm_tma import group_of, group_table, store_swiglu   # shared pieces
 
 
 def _configs(shapes, extra=None):
@@ -165,12 +165,7 @@ if triton is not None:
         if EPILOGUE == 0:
             tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=cmask)
         else:
-            if STORE_PRE:
-                p_ptrs = pre_ptr + rm[:, None] * stride_pm + rn[None, :]
-                tl.store(p_ptrs, acc.to(pre_ptr.dtype.element_ty), mask=cmask)
-                tl.store(p_ptrs + N, acc_up.to(pre_ptr.dtype.element_ty), mask=cmask)
-            h = acc * tl.sigmoid(acc) * acc_up
-            tl.store(c_ptrs, h.to(c_ptr.dtype.element_ty), mask=cmask)
+            store_swiglu(acc, acc_up, c_ptrs, pre_ptr, rm, rn, cmask, N, stride_pm, STORE_PRE)
 
     @triton.jit
     def _wgrad_kernel(a_ptr, b_ptr, c_ptr, off_ptr, gidx_ptr, K, N, stride_am, stride_bm,

@@ -175,6 +175,18 @@ if triton is not None:
         return g, row0.to(tl.int64), tl.sum(tl.where(sel, ends, 0), 0).to(tl.int64)
 
     @triton.jit
+    def store_swiglu(gate, up, c_ptrs, pre_ptr, rm, rn, cmask, N, stride_pm,
+                     STORE_PRE: tl.constexpr):
+        """SwiGLU epilogue: C = silu(gate) * up, and with STORE_PRE the pre-activation
+        (gate | up) into pre [P, 2N] for the backward."""
+        if STORE_PRE:
+            p_ptrs = pre_ptr + rm[:, None] * stride_pm + rn[None, :]
+            tl.store(p_ptrs, gate.to(pre_ptr.dtype.element_ty), mask=cmask)
+            tl.store(p_ptrs + N, up.to(pre_ptr.dtype.element_ty), mask=cmask)
+        h = gate * tl.sigmoid(gate) * up
+        tl.store(c_ptrs, h.to(c_ptrs.dtype.element_ty), mask=cmask)
+
+    @triton.jit
     def _gmm_tma_kernel(a_desc, a_ptr, b_desc, c_desc, c_ptr, pre_ptr, off_ptr, gidx_ptr,
                         P, N, K, E, stride_am, stride_cm, stride_pm, P_BUCKET,
                         EPILOGUE: tl.constexpr, HAS_GATHER: tl.constexpr,
@@ -241,12 +253,8 @@ if triton is not None:
                 else:
                     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=cmask)
             else:
-                if STORE_PRE:
-                    p_ptrs = pre_ptr + rm[:, None] * stride_pm + rn[None, :]
-                    tl.store(p_ptrs, acc.to(pre_ptr.dtype.element_ty), mask=cmask)
-                    tl.store(p_ptrs + N, acc_up.to(pre_ptr.dtype.element_ty), mask=cmask)
-                h = acc * tl.sigmoid(acc) * acc_up
-                tl.store(c_ptrs, h.to(c_ptr.dtype.element_ty), mask=cmask)
+                store_swiglu(acc, acc_up, c_ptrs, pre_ptr, rm, rn, cmask, N, stride_pm,
+                             STORE_PRE)
 
     @triton.jit
     def _wgrad_tma_kernel(a_desc, a_ptr, b_desc, c_ptr, off_ptr, gidx_ptr, K, N,
