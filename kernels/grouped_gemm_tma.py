@@ -59,6 +59,18 @@ def num_programs(device: torch.device) -> int:
     return _SMS[idx]
 
 
+_HOPPER: dict[int, bool] = {}
+
+
+def _hopper(device: torch.device) -> bool:
+    """NVIDIA sm90+ (cached: this runs on every launch)."""
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _HOPPER:
+        _HOPPER[idx] = (torch.version.hip is None
+                        and torch.cuda.get_device_capability(idx)[0] >= 9)
+    return _HOPPER[idx]
+
+
 def _tma_tensor_ok(t: torch.Tensor) -> bool:
     """TMA needs a 16-byte aligned base, 16-byte aligned row strides and unit last stride."""
     return (t.dim() == 2 and t.stride(1) == 1 and t.shape[0] > 0 and t.shape[1] > 0
@@ -75,8 +87,7 @@ def tma_ok(*tensors: torch.Tensor) -> bool:
         first = next(t for t in tensors if t is not None)
         dev = first.device
         if dev.type == "cuda":
-            if (torch.version.hip is not None or torch.cuda.get_device_capability(dev)[0] < 9
-                    or first.dtype == torch.float32):
+            if not _hopper(dev) or first.dtype == torch.float32:
                 return False
         elif not _interpreting():
             return False
