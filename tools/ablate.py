@@ -477,22 +477,21 @@ def _csv_value(v):
     return f"{v:.6g}" if isinstance(v, float) else v
 
 
-def results_csv(rows: List[Dict[str, Any]]) -> str:
+def _csv(rows: List[Dict[str, Any]], columns) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(CSV_COLUMNS)
+    w.writerow(columns)
     for row in rows:
-        w.writerow([_csv_value(row.get(c)) for c in CSV_COLUMNS])
+        w.writerow([_csv_value(row.get(c)) for c in columns])
     return buf.getvalue()
+
+
+def results_csv(rows: List[Dict[str, Any]]) -> str:
+    return _csv(rows, CSV_COLUMNS)
 
 
 def runs_csv(summaries: List[Dict[str, Any]]) -> str:
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(RUN_COLUMNS)
-    for s in summaries:
-        w.writerow([_csv_value(s.get(c)) for c in RUN_COLUMNS])
-    return buf.getvalue()
+    return _csv(summaries, RUN_COLUMNS)
 
 
 def results_markdown(rows: List[Dict[str, Any]], title: str) -> str:
