@@ -345,12 +345,13 @@ def launch_gmm_swiglu(a, w13, offsets, gather_index=None, store_pre=True, config
 def launch_gmm_swiglu_bwd(dy, w2, offsets, pre):
     """d(gate | up) [P, 2F] from dy [P, D], w2 [E, F, D] and the saved pre-activation
     [P, 2F]: dh = dY[rows_e] @ W2[e]^T (grouped GEMM), then one elementwise SwiGLU-backward
-    pass (kernels/swiglu.py); measured faster than doing it in the GEMM's epilogue."""
+    pass (kernels/swiglu.py; measured faster than doing it in the GEMM's epilogue); rows
+    [offsets[E], P) are zeros, and that pass does not read them."""
     _check(dy, w2, offsets, None, w2.shape[2])
     if pre.shape != (dy.shape[0], 2 * w2.shape[1]):
         raise ValueError(f"pre must be [P, 2F] = [{dy.shape[0]}, {2 * w2.shape[1]}], got "
                          f"{tuple(pre.shape)}")
-    return launch_swiglu_bwd(pre, launch_gmm(dy, w2, offsets, trans_w=True))
+    return launch_swiglu_bwd(pre, launch_gmm(dy, w2, offsets, trans_w=True), offsets[-1:])
 
 
 def launch_wgrad(a, dy, offsets, gather_index=None, accumulate_into=None, out_dtype=None,

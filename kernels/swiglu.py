@@ -2,9 +2,10 @@
 
 One idea: from the saved pre-activation [P, 2F] (gate | up) and dh [P, F], write
 d(gate | up) [P, 2F] in one read of each input and one write, fp32 math in registers.
-It follows a plain dgrad GEMM (dh = dY @ W2^T); kernels/grouped_gemm.py can instead do this
-in that GEMM's epilogue (EPILOGUE 2). docs/kernels_notes.md says which one runs and why.
-MOC_MATH.md, "Experts".
+It follows a plain dgrad GEMM (dh = dY @ W2^T); doing it in that GEMM's epilogue measured
+slower (docs/kernels_notes.md). Rows past `rows_end` (the experts' zero tail, where hard IRL
+mode parks its inactive rows) get zeros without their inputs being read. MOC_MATH.md,
+"Experts".
 
 Shape legend: P rows, F ffn size.
     h = silu(g) * u;  du = dh * silu(g);  dg = dh * u * sig(g) * (1 + g * (1 - sig(g)))
@@ -25,15 +26,19 @@ BLOCK_ROWS, BLOCK_COLS = 8, 256   # 8 x 256 bf16 = 4 KiB per input tile; memory 
 
 if triton is not None:
     @triton.jit
-    def _swiglu_bwd_kernel(pre_ptr, dh_ptr, out_ptr, P, F, stride_pm, stride_dm, stride_om,
-                           BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    def _swiglu_bwd_kernel(pre_ptr, dh_ptr, out_ptr, end_ptr, P, F, stride_pm, stride_dm,
+                           stride_om, HAS_END: tl.constexpr, BLOCK_R: tl.constexpr,
+                           BLOCK_C: tl.constexpr):
         rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
         cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         mask = (rows < P)[:, None] & (cols < F)[None, :]
+        live = mask                      # rows whose inputs are read; the rest write zeros
+        if HAS_END:
+            live = mask & (rows < tl.load(end_ptr))[:, None]
         p_ptrs = pre_ptr + rows[:, None] * stride_pm + cols[None, :]
-        g = tl.load(p_ptrs, mask=mask, other=0.0).to(tl.float32)
-        u = tl.load(p_ptrs + F, mask=mask, other=0.0).to(tl.float32)
-        dh = tl.load(dh_ptr + rows[:, None] * stride_dm + cols[None, :], mask=mask,
+        g = tl.load(p_ptrs, mask=live, other=0.0).to(tl.float32)
+        u = tl.load(p_ptrs + F, mask=live, other=0.0).to(tl.float32)
+        dh = tl.load(dh_ptr + rows[:, None] * stride_dm + cols[None, :], mask=live,
                      other=0.0).to(tl.float32)
         sig = tl.sigmoid(g)
         o_ptrs = out_ptr + rows[:, None] * stride_om + cols[None, :]
@@ -42,8 +47,10 @@ if triton is not None:
         tl.store(o_ptrs + F, (dh * g * sig).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def launch_swiglu_bwd(pre: torch.Tensor, dh: torch.Tensor) -> torch.Tensor:
-    """d(gate | up) [P, 2F] from pre [P, 2F] and dh [P, F] (same dtype, unit column stride)."""
+def launch_swiglu_bwd(pre: torch.Tensor, dh: torch.Tensor,
+                      rows_end: torch.Tensor | None = None) -> torch.Tensor:
+    """d(gate | up) [P, 2F] from pre [P, 2F] and dh [P, F] (same dtype, unit column stride).
+    rows_end: int64 [1] on the device (offsets[E:]); rows from it on come out as zeros."""
     p, f = dh.shape
     if pre.shape != (p, 2 * f) or pre.dtype != dh.dtype:
         raise ValueError(f"pre must be [P, 2F] = [{p}, {2 * f}] in {dh.dtype}, got "
@@ -52,8 +59,10 @@ def launch_swiglu_bwd(pre: torch.Tensor, dh: torch.Tensor) -> torch.Tensor:
     dh = dh if dh.stride(1) == 1 else dh.contiguous()
     out = torch.empty(p, 2 * f, dtype=pre.dtype, device=pre.device)
     grid = (triton.cdiv(p, BLOCK_ROWS), triton.cdiv(f, BLOCK_COLS))
-    _swiglu_bwd_kernel[grid](pre, dh, out, p, f, pre.stride(0), dh.stride(0), out.stride(0),
-                             BLOCK_R=BLOCK_ROWS, BLOCK_C=BLOCK_COLS, num_warps=4)
+    _swiglu_bwd_kernel[grid](pre, dh, out, pre if rows_end is None else rows_end, p, f,
+                             pre.stride(0), dh.stride(0), out.stride(0),
+                             HAS_END=rows_end is not None, BLOCK_R=BLOCK_ROWS,
+                             BLOCK_C=BLOCK_COLS, num_warps=4)
     return out
 
 
