@@ -466,6 +466,9 @@ class WeightGradAccumulator:
             else:
                 out.append((buf if g is None else buf.add_(g)).to(v.dtype))
         self._bufs = [None] * len(self._bufs)
+        # The views' grad_fn holds this object: drop them, or the cycle keeps the autograd
+        # graph (and the weights' AccumulateGrad nodes) alive until the next gc pass.
+        self._views, self._slots = [], {}
         return out
 
 

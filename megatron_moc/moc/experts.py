@@ -31,6 +31,7 @@ from torch.utils.checkpoint import checkpoint
 from megatron_moc.model.norm import rms_norm
 from megatron_moc.moc.adaptive import gate_entropy, step_activity
 from megatron_moc.moc.dispatch import permute_rows
+from megatron_moc.moc.logits import fp32_logits
 
 log = logging.getLogger(__name__)
 _LOGGED = set()
@@ -162,8 +163,8 @@ class IRLExperts(nn.Module):
         dt = torch.float64 if x_PD.dtype == torch.float64 else torch.float32
         if self.step_gate_weight is None:
             return x_PD.new_ones(P, S, dtype=dt), x_PD.new_full((P,), float(S), dtype=dt)
-        w = self.step_gate_weight.to(dt).reshape(-1, x_PD.shape[1])           # [E(S+1), D]
-        logits = (x_PD.to(dt) @ w.t() + self.step_gate_bias.to(dt).reshape(-1))
+        logits = fp32_logits(x_PD, self.step_gate_weight.reshape(-1, x_PD.shape[1]),  # [E(S+1), D]
+                             self.step_gate_bias.reshape(-1))
         logits = logits.view(P, self.num_experts, S + 1)
         logits = logits.gather(1, expert_P.view(P, 1, 1).expand(P, 1, S + 1)).squeeze(1)
         return step_activity(logits, cfg.moc_step_gate_temperature, cfg.moc_adaptive_mode)
@@ -177,8 +178,8 @@ class IRLExperts(nn.Module):
         dt = torch.float64 if x_PD.dtype == torch.float64 else torch.float32
         if self.step_gate_weight is None:
             return x_PD.new_zeros(P, dtype=dt)
-        w = self.step_gate_weight.to(dt).reshape(-1, x_PD.shape[1])           # [E(S+1), D]
-        logits = (x_PD.to(dt) @ w.t() + self.step_gate_bias.to(dt).reshape(-1))
+        logits = fp32_logits(x_PD, self.step_gate_weight.reshape(-1, x_PD.shape[1]),  # [E(S+1), D]
+                             self.step_gate_bias.reshape(-1))
         logits = logits.view(P, self.num_experts, S + 1)
         logits = logits.gather(1, expert_P.view(P, 1, 1).expand(P, 1, S + 1)).squeeze(1)
         return gate_entropy(logits, self.config.moc_step_gate_temperature)

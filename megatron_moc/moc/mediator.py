@@ -20,13 +20,13 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from megatron_moc.model.norm import RMSNorm
 from megatron_moc.moc.adaptive import gate_entropy, step_activity
 from megatron_moc.moc.dispatch import DispatchPlan, combine
+from megatron_moc.moc.logits import fp32_logits
 
 
 @dataclass(frozen=True)
@@ -169,8 +169,7 @@ class MediatorCombiner(nn.Module):
         dt = torch.float64 if x_ND.dtype == torch.float64 else torch.float32
         if self.collab_step_gate is None:
             return x_ND.new_zeros((), dtype=dt)
-        logits = F.linear(x_ND.to(dt), self.collab_step_gate.weight.to(dt),
-                          self.collab_step_gate.bias.to(dt))
+        logits = fp32_logits(x_ND, self.collab_step_gate.weight, self.collab_step_gate.bias)
         return gate_entropy(logits, self.config.moc_round_gate_temperature).mean()
 
     def round_activity(self, x_ND, any_kept_N):
@@ -180,8 +179,7 @@ class MediatorCombiner(nn.Module):
         if self.collab_step_gate is None:
             activity, expected = x_ND.new_ones(N, R, dtype=dt), x_ND.new_full((N,), float(R), dtype=dt)
         else:
-            logits = F.linear(x_ND.to(dt), self.collab_step_gate.weight.to(dt),
-                              self.collab_step_gate.bias.to(dt))
+            logits = fp32_logits(x_ND, self.collab_step_gate.weight, self.collab_step_gate.bias)
             activity, expected = step_activity(logits, cfg.moc_round_gate_temperature,
                                                cfg.moc_adaptive_mode)
         return activity * any_kept_N.unsqueeze(-1).to(dt), expected

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from megatron_moc.moc.logits import fp32_logits
+
 
 @dataclass(frozen=True)
 class Routing:
@@ -72,7 +74,7 @@ class TopKRouter(nn.Module):
     def forward(self, x_ND: torch.Tensor) -> Routing:
         cfg = self.config
         dt = _compute_dtype(x_ND)
-        logits_NE = x_ND.to(dt) @ self.weight.to(dt).t()
+        logits_NE = fp32_logits(x_ND, self.weight)
         if self.training and cfg.moc_router_noise_std > 0:
             logits_NE = logits_NE + torch.randn_like(logits_NE) * cfg.moc_router_noise_std
         logits_NK, experts_NK = torch.topk(logits_NE, self.top_k, dim=-1)
