@@ -26,10 +26,7 @@ capacity comes from the static token count).
 
 from __future__ import annotations
 
-import os
-
 import torch
-import torch._inductor.config
 
 from megatron_moc.model.norm import RMSNorm
 from megatron_moc.moc.experts import IRLExperts, IRLFeedForward
@@ -52,7 +49,6 @@ def compile_regions(model: torch.nn.Module) -> list:
     # Dynamo's per-code-object cache: one entry per distinct input shape / grad mode; a few
     # shapes (norms over [s, b, D] and [s, b, heads, head_dim]) plus eval mode fit well.
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
-    _tune_generated_kernels()
     names, inside = [], []
     for name, module in model.named_modules():
         if any(name.startswith(prefix + ".") for prefix in inside):
@@ -67,17 +63,6 @@ def compile_regions(model: torch.nn.Module) -> list:
     _compile_megatron_rope()
     _compile_dispatch_backward()
     return names
-
-
-def _tune_generated_kernels() -> None:
-    """Inductor's coordinate-descent tuning: each generated reduction / pointwise kernel's
-    block sizes and warps are benchmarked at compile time instead of taken from a heuristic.
-    Opt-in (MOC_COMPILE_TUNE=1): measured on an H100 at the 1B config (docs/benchmarks.md,
-    session 4) it made the compiled code 3.4% faster (235 -> 227 ms of 905 per 4
-    micro-batches, MoC +1.1% tok/s) but the first step's compilation took minutes longer
-    (> 330 s against ~110 s for MoC)."""
-    if os.environ.get("MOC_COMPILE_TUNE", "0") == "1":
-        torch._inductor.config.coordinate_descent_tuning = True
 
 
 def _compile_megatron_rope() -> None:
