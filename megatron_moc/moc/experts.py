@@ -154,35 +154,32 @@ class IRLExperts(nn.Module):
         return nn.Parameter(local.clone() if self.expert_parallel > 1 else full)
 
     def activity(self, x_PD: torch.Tensor, expert_P: torch.Tensor):
-        """Per-row step activity a [P, S] and E[steps] [P], fp32 (the gate is fp32).
-
-        Every row's logits for all E gates come from one dense GEMM [P, D]·[D, E(S+1)]
-        (cheap: E(S+1) columns), then each row keeps its own expert's slice.
-        """
+        """Per-row step activity a [P, S] and E[steps] [P], fp32 (the gate is fp32)."""
         cfg, P, S = self.config, x_PD.shape[0], self.steps
         dt = torch.float64 if x_PD.dtype == torch.float64 else torch.float32
         if self.step_gate_weight is None:
             return x_PD.new_ones(P, S, dtype=dt), x_PD.new_full((P,), float(S), dtype=dt)
-        logits = fp32_logits(x_PD, self.step_gate_weight.reshape(-1, x_PD.shape[1]),  # [E(S+1), D]
-                             self.step_gate_bias.reshape(-1))
-        logits = logits.view(P, self.num_experts, S + 1)
-        logits = logits.gather(1, expert_P.view(P, 1, 1).expand(P, 1, S + 1)).squeeze(1)
-        return step_activity(logits, cfg.moc_step_gate_temperature, cfg.moc_adaptive_mode)
+        return step_activity(self._own_gate_logits(x_PD, expert_P), cfg.moc_step_gate_temperature,
+                             cfg.moc_adaptive_mode)
 
     def gate_entropy(self, x_PD: torch.Tensor, expert_P: torch.Tensor) -> torch.Tensor:
         """Per-row entropy H(q) of the row's own step gate, fp32 [P]; zeros without gates
         (MOC_MATH.md "Gate entropy regularization"). Only built when the regularizer is on:
         it repeats the gate GEMM of `activity` ([P, D]·[D, E(S+1)], cheap) so the expert
         forward keeps its signature."""
-        P, S = x_PD.shape[0], self.steps
         dt = torch.float64 if x_PD.dtype == torch.float64 else torch.float32
         if self.step_gate_weight is None:
-            return x_PD.new_zeros(P, dtype=dt)
-        logits = fp32_logits(x_PD, self.step_gate_weight.reshape(-1, x_PD.shape[1]),  # [E(S+1), D]
-                             self.step_gate_bias.reshape(-1))
-        logits = logits.view(P, self.num_experts, S + 1)
-        logits = logits.gather(1, expert_P.view(P, 1, 1).expand(P, 1, S + 1)).squeeze(1)
-        return gate_entropy(logits, self.config.moc_step_gate_temperature)
+            return x_PD.new_zeros(x_PD.shape[0], dtype=dt)
+        return gate_entropy(self._own_gate_logits(x_PD, expert_P),
+                            self.config.moc_step_gate_temperature)
+
+    def _own_gate_logits(self, x_PD: torch.Tensor, expert_P: torch.Tensor) -> torch.Tensor:
+        """fp32 [P, S+1]: each row's logits under its own expert's step gate, taken from one
+        [P, D]·[D, E(S+1)] product over all E gates (cheap: E(S+1) columns)."""
+        P, S1 = x_PD.shape[0], self.steps + 1
+        logits = fp32_logits(x_PD, self.step_gate_weight.reshape(-1, x_PD.shape[1]),
+                             self.step_gate_bias.reshape(-1)).view(P, self.num_experts, S1)
+        return logits.gather(1, expert_P.view(P, 1, 1).expand(P, 1, S1)).squeeze(1)
 
     def forward(self, x_PD: torch.Tensor, expert_P: torch.Tensor, offsets_E1: torch.Tensor
                 ) -> Tuple[torch.Tensor, torch.Tensor]:
