@@ -31,7 +31,8 @@ attention score and value products) / the GPU's dense bf16 peak (989 TFLOP/s, H1
 the research model is charged the same FLOPs as ours at the same config.
 Timed with CUDA events over `--steps` steps after `--warmup` steps (compile and autotuning
 happen there); random tokens. `--profile DIR` also records one step with the torch profiler:
-a Chrome trace (gzip) and a table of the top kernels by GPU time, per kind.
+a Chrome trace (gzip) and a table of the top kernels by GPU time, per kind; without
+`--cuda-graph`, also that time by compiled graph / eager op (tools/trace_attribution.py).
 Results print as JSON lines and a table; with $OUT set they are appended to
 $OUT/throughput.jsonl.
 """
@@ -282,6 +283,12 @@ def profile_step(args, step, kind: str, micro_batch: int) -> dict:
         lines.append(f"| `{name[:90]}` | {n} | {ms:.2f} | {ms / total:.1%} |")
     with open(os.path.join(args.profile, f"kernels_{tag}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
+    if not args.cuda_graph:   # kernels link to their launch scopes (tools/trace_attribution.py)
+        from tools.trace_attribution import _load, attribute, format_table
+
+        with open(os.path.join(args.profile, f"scopes_{tag}.md"), "w") as f:
+            f.write(f"# {tag}: GPU time by launching scope\n\n"
+                    + format_table(*attribute(_load(trace + ".gz")), top=args.profile_top))
     return dict(gpu_kernel_ms=total, categories_ms=cats)
 
 
