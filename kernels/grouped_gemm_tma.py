@@ -325,15 +325,19 @@ if triton is not None:
     @triton.jit
     def _zero_tail_kernel(c_ptr, off_ptr, P, N, E, stride_cm, BLOCK_M: tl.constexpr,
                           BLOCK_N: tl.constexpr):
-        """Rows [offsets[E], P) of C [P, N] := 0; programs before the tail return at once."""
+        """Rows [offsets[E], P) of C [P, N] := 0. One program per BLOCK_M rows, looping over
+        N: programs before the tail return at once (a [rows, N-tiles] grid made ~25K programs
+        that mostly just returned: 20 µs a call at P = 32768, N = 6144 on an H100)."""
         rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         tail = tl.load(off_ptr + E)
         if tl.program_id(0) * BLOCK_M + BLOCK_M <= tail:
             return
-        rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask = ((rm >= tail) & (rm < P))[:, None] & (rn < N)[None, :]
+        row_mask = ((rm >= tail) & (rm < P))[:, None]
         zero = tl.zeros((BLOCK_M, BLOCK_N), dtype=c_ptr.dtype.element_ty)
-        tl.store(c_ptr + rm.to(tl.int64)[:, None] * stride_cm + rn[None, :], zero, mask=mask)
+        ptrs = c_ptr + rm.to(tl.int64)[:, None] * stride_cm
+        for n0 in range(0, N, BLOCK_N):
+            rn = n0 + tl.arange(0, BLOCK_N)
+            tl.store(ptrs + rn[None, :], zero, mask=row_mask & (rn < N)[None, :])
 
     _even_k = {"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0}
     _prune = {"early_config_prune": fits_smem}
@@ -392,8 +396,8 @@ def zero_tail(c: torch.Tensor, offsets: torch.Tensor, e: int) -> None:
     """c[offsets[e]:] = 0 without reading offsets on the host."""
     p, n = c.shape
     bm, bn = (16, 16) if _interpreting() else (64, 128)
-    _zero_tail_kernel[(triton.cdiv(p, bm), triton.cdiv(n, bn))](c, offsets, p, n, e, c.stride(0),
-                                                                BLOCK_M=bm, BLOCK_N=bn)
+    _zero_tail_kernel[(triton.cdiv(p, bm),)](c, offsets, p, n, e, c.stride(0),
+                                             BLOCK_M=bm, BLOCK_N=bn)
 
 
 def launch_wgrad_tma(a, dy, c, offsets, gather_index, accumulate, k_bucket, prec,

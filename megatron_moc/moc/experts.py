@@ -31,7 +31,7 @@ from torch.utils.checkpoint import checkpoint
 from megatron_moc.model.norm import rms_norm
 from megatron_moc.moc.adaptive import gate_entropy, step_activity
 from megatron_moc.moc.dispatch import permute_rows
-from megatron_moc.moc.logits import fp32_logits
+from megatron_moc.moc.logits import own_gate_logits
 
 log = logging.getLogger(__name__)
 _LOGGED = set()
@@ -174,12 +174,8 @@ class IRLExperts(nn.Module):
                             self.config.moc_step_gate_temperature)
 
     def _own_gate_logits(self, x_PD: torch.Tensor, expert_P: torch.Tensor) -> torch.Tensor:
-        """fp32 [P, S+1]: each row's logits under its own expert's step gate, taken from one
-        [P, D]·[D, E(S+1)] product over all E gates (cheap: E(S+1) columns)."""
-        P, S1 = x_PD.shape[0], self.steps + 1
-        logits = fp32_logits(x_PD, self.step_gate_weight.reshape(-1, x_PD.shape[1]),
-                             self.step_gate_bias.reshape(-1)).view(P, self.num_experts, S1)
-        return logits.gather(1, expert_P.view(P, 1, 1).expand(P, 1, S1)).squeeze(1)
+        """fp32 [P, S+1]: each row's logits under its own expert's step gate."""
+        return own_gate_logits(x_PD, self.step_gate_weight, self.step_gate_bias, expert_P)
 
     def forward(self, x_PD: torch.Tensor, expert_P: torch.Tensor, offsets_E1: torch.Tensor
                 ) -> Tuple[torch.Tensor, torch.Tensor]:
