@@ -17,18 +17,9 @@ step on an H100 (docs/benchmarks.md, issue 7). So, with bf16/fp16 operands:
 
 Other dtypes (fp32 / fp64 weights, the fp64 tests) take the plain upcast product.
 
-Under torch.compile two gate shapes run better as fused reductions than as GEMMs
-(`_ReducedLogits`; measured on an H100 at the 1B MoC config, per layer and micro-batch):
-- the round gate (D -> R+1 = 3 outputs): its fp32 output rows are 12 bytes, so cuBLAS ran
-  CUTLASS's unaligned sm75 kernels, ~40 µs each for the forward, dx and dW products;
-- each row's own step gate (`own_gate_logits`): the [P, E(S+1)] product computes E times the
-  needed logits, and its dx, [P, 24]·[24, D], was fused by inductor into an addmm on top of
-  the other dx, with a copy of that [P, D] gradient first (110 µs in all).
-Here the forward is one reduction over D per row (x read once), dx a pointwise sum of S+1
-weighted weight rows that inductor fuses into the neighbouring gradient kernels, and dW stays
-one GEMM (g scattered to its expert's columns, transposed, times x). Same products, fp32
-accumulation. Eagerly the reduction would build a [P, O, D] fp32 temporary, so eager mode keeps
-the GEMM.
+Outputs are padded to a multiple of 8 columns inside the products (zero weight rows, sliced
+off): the round gate's 3 fp32 outputs make 12-byte rows, and cuBLAS ran CUTLASS's unaligned
+sm75 kernels for them, ~40 µs each for the forward, dx and dW products at the 1B config.
 """
 
 from __future__ import annotations
@@ -48,48 +39,22 @@ class _LowPrecisionLogits(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(x, w)
-        return _mm_fp32_out(x, w)
+        return _mm_fp32_out(x, _pad_rows(w))[:, :w.shape[0]]
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x, w = ctx.saved_tensors
-        g = grad.to(x.dtype)
-        dx = g @ w if ctx.needs_input_grad[0] else None
-        dw = g.t() @ x if ctx.needs_input_grad[1] else None
+        O = w.shape[0]
+        g = torch.nn.functional.pad(grad.to(x.dtype), (0, -O % 8))
+        dx = g @ _pad_rows(w) if ctx.needs_input_grad[0] else None
+        dw = (g.t() @ x)[:O] if ctx.needs_input_grad[1] else None
         return dx, dw
 
 
-class _ReducedLogits(torch.autograd.Function):
-    """logits[p, o] = x_p · W[e_p, o] in fp32 for weight [E, O, D] and expert_P [P] (None:
-    E = 1), as a reduction; for traced code only (module docstring)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, w_EOD: torch.Tensor, expert_P: torch.Tensor | None):
-        ctx.save_for_backward(x, w_EOD, expert_P)
-        rows = w_EOD[0] if expert_P is None else w_EOD[expert_P]     # [O, D] or [P, O, D]
-        return (x.unsqueeze(1).float() * rows.float()).sum(-1)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        x, w_EOD, expert_P = ctx.saved_tensors
-        E, O, D = w_EOD.shape
-        g = grad.to(x.dtype)
-        rows = w_EOD[0] if expert_P is None else w_EOD[expert_P]
-        dx = (g.float().unsqueeze(-1) * rows.float()).sum(-2).to(x.dtype)
-        if expert_P is not None:   # row p's gradient goes to its expert's O columns
-            experts_E = torch.arange(E, device=x.device)
-            g = torch.where((expert_P.unsqueeze(1) == experts_E).unsqueeze(-1),
-                            g.unsqueeze(1), 0).reshape(-1, E * O)
-        pad = -(E * O) % 8   # keep the GEMM's rows 16-byte aligned (O = 3 is not)
-        if pad:
-            g = torch.nn.functional.pad(g, (0, pad))
-        dw = (g.t() @ x)[:E * O].view(E, O, D)
-        return dx, dw, None
-
-
-def _traced_low_precision(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return (torch.compiler.is_compiling() and x.dtype == weight.dtype
-            and x.dtype in _TENSOR_CORE_DTYPES)
+def _pad_rows(w: torch.Tensor) -> torch.Tensor:
+    """w [O, D] with zero rows up to a multiple of 8 (module docstring)."""
+    pad = -w.shape[0] % 8
+    return torch.nn.functional.pad(w, (0, 0, 0, pad)) if pad else w
 
 
 def fp32_logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
@@ -98,9 +63,6 @@ def fp32_logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
         raise ValueError(f"fp32_logits: x must be [N, D] and weight [O, D], got "
                          f"{tuple(x.shape)} and {tuple(weight.shape)}")
-    if weight.shape[0] < 8 and _traced_low_precision(x, weight):   # skinny: a reduction
-        logits = _ReducedLogits.apply(x, weight.unsqueeze(0), None)
-        return logits if bias is None else logits + bias.float()
     if x.dtype == weight.dtype and x.dtype in _TENSOR_CORE_DTYPES:
         logits = _LowPrecisionLogits.apply(x, weight)
         return logits if bias is None else logits + bias.float()
@@ -117,7 +79,5 @@ def own_gate_logits(x: torch.Tensor, weight_EOD: torch.Tensor, bias_EO: torch.Te
     product over all E gates (cheap: E·O columns) and a gather."""
     E, O, D = weight_EOD.shape
     P = x.shape[0]
-    if _traced_low_precision(x, weight_EOD):
-        return _ReducedLogits.apply(x, weight_EOD, expert_P) + bias_EO[expert_P].float()
     logits = fp32_logits(x, weight_EOD.reshape(E * O, D), bias_EO.reshape(-1)).view(P, E, O)
     return logits.gather(1, expert_P.view(P, 1, 1).expand(P, 1, O)).squeeze(1)
