@@ -80,7 +80,8 @@ def grouped_swiglu(x, w13, offsets, gather_index=None, *, wgrad_acc=None, backen
 class _ExpertSwigluMLP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w13, w2, offsets, gather_index, acc, slots, prims):
-        h, pre = prims.gmm_swiglu(x, w13, offsets, gather_index, store_pre=True)
+        # h is internal (W2's input, saved for its wgrad): both stop at offsets[E]
+        h, pre = prims.gmm_swiglu(x, w13, offsets, gather_index, store_pre=True, zero_tail=False)
         y = prims.gmm(h, w2, offsets)
         ctx.save_for_backward(x, w13, w2, offsets, gather_index, pre, h)
         ctx.acc, ctx.slots, ctx.prims = acc, slots, prims
@@ -125,7 +126,8 @@ def expert_swiglu_mlp(x, w13, w2, offsets, gather_index=None, *, wgrad_acc=None,
     prims = primitives(backend, x)
     if not (torch.is_grad_enabled() and (x.requires_grad or w13.requires_grad
                                          or w2.requires_grad)):
-        h, _ = prims.gmm_swiglu(x, w13, offsets, gather_index, store_pre=False)
+        h, _ = prims.gmm_swiglu(x, w13, offsets, gather_index, store_pre=False,
+                                zero_tail=False)
         return prims.gmm(h, w2, offsets)        # inference: save nothing
     slots = (_slot(wgrad_acc, w13), _slot(wgrad_acc, w2))
     return _ExpertSwigluMLP.apply(x, w13, w2, offsets, gather_index, wgrad_acc, slots, prims)

@@ -41,7 +41,7 @@ def _fwd(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, offsets: torch.Te
          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y [P, D], pre [P, 2F], h [P, F]); pre and h are empty [0] when not `save`."""
     prims = _prims(backend, x)
-    h, pre = prims.gmm_swiglu(x, w13, offsets, gather_index, store_pre=save)
+    h, pre = prims.gmm_swiglu(x, w13, offsets, gather_index, store_pre=save, zero_tail=False)
     y = prims.gmm(h, w2, offsets)
     if not save:
         return y, x.new_empty(0), x.new_empty(0)

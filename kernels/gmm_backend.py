@@ -144,7 +144,7 @@ class TorchPrimitives:
     def gmm(self, a, w, offsets, gather_index=None, trans_w=False):
         return torch_gmm(a, w, offsets, gather_index, trans_w, self.use_grouped_mm)
 
-    def gmm_swiglu(self, a, w13, offsets, gather_index=None, store_pre=True):
+    def gmm_swiglu(self, a, w13, offsets, gather_index=None, store_pre=True, zero_tail=True):
         pre = self.gmm(a, w13, offsets, gather_index)
         f = w13.shape[-1] // 2
         h = (F.silu(pre[:, :f].float()) * pre[:, f:].float()).to(pre.dtype)

@@ -289,13 +289,16 @@ def _p_bucket(p):
 
 
 def _launch(kernel, a, w, c, pre, offsets, gather_index, n, k, epilogue, store_pre, trans_w,
-            config):
+            config, zero_tail=True):
+    """zero_tail=False: rows [offsets[E], P) of c may be left unwritten (the TMA path skips
+    them; the pointer kernels write zeros anyway)."""
     p, e = c.shape[0], w.shape[0]
     if ((gather_index is None or tma.GATHER)
             and tma.tma_ok(a if gather_index is None else None, tma.weights_2d(w),
                            c if epilogue == 0 else None)):
         return tma.launch_gmm_tma(a, w, c, pre, offsets, gather_index, n, k, epilogue,
-                                  store_pre, trans_w, _p_bucket(p), _prec(a.dtype), config)
+                                  store_pre, trans_w, _p_bucket(p), _prec(a.dtype), config,
+                                  zero_tail)
     stride_bk, stride_bn = (w.stride(2), w.stride(1)) if trans_w else (w.stride(1), w.stride(2))
     if config is not None:      # a fixed config (benchmark sweeps): bypass the autotuner
         kernel = triton.heuristics(_heur)(_gmm_kernel)
@@ -314,9 +317,12 @@ def _unit_k(a):
     return a if a.stride(1) == 1 else a.contiguous()
 
 
-def launch_gmm(a, w, offsets, gather_index=None, trans_w=False, out=None, config=None):
+def launch_gmm(a, w, offsets, gather_index=None, trans_w=False, out=None, config=None,
+               zero_tail=True):
     """y [P, N] = A[rows_e] @ W[e] (W[e]^T when trans_w), A = a[gather_index] if given.
-    w [E, K, N] (or [E, N, K] with trans_w), any strides; out: optional [P, N] buffer."""
+    w [E, K, N] (or [E, N, K] with trans_w), any strides; out: optional [P, N] buffer.
+    Rows [offsets[E], P) are zeros; with zero_tail=False they may be left unwritten (for
+    outputs whose readers stop at offsets[E])."""
     k, n = (w.shape[2], w.shape[1]) if trans_w else (w.shape[1], w.shape[2])
     _check(a, w, offsets, gather_index, k)
     a = _unit_k(a)
@@ -324,12 +330,14 @@ def launch_gmm(a, w, offsets, gather_index=None, trans_w=False, out=None, config
     p = _rows(a, gather_index)
     c = torch.empty(p, n, dtype=a.dtype, device=a.device) if out is None else out
     return _launch(_gmm_plain, a, w, c, None, offsets, gather_index, n, k, 0, False, trans_w,
-                   config)
+                   config, zero_tail)
 
 
-def launch_gmm_swiglu(a, w13, offsets, gather_index=None, store_pre=True, config=None):
+def launch_gmm_swiglu(a, w13, offsets, gather_index=None, store_pre=True, config=None,
+                      zero_tail=True):
     """h [P, F] = silu(A @ W13[e][:, :F]) * (A @ W13[e][:, F:]), and the pre-activation
-    [P, 2F] (gate | up) when store_pre, else None."""
+    [P, 2F] (gate | up) when store_pre, else None. h's rows [offsets[E], P) are zeros (left
+    unwritten with zero_tail=False); pre's are undefined (its reader stops at offsets[E])."""
     _check(a, w13, offsets, gather_index, w13.shape[1])
     if w13.shape[2] % 2:
         raise ValueError(f"w13 needs an even number of columns (gate | up), got {w13.shape[2]}")
@@ -338,20 +346,23 @@ def launch_gmm_swiglu(a, w13, offsets, gather_index=None, store_pre=True, config
     h = torch.empty(p, f, dtype=a.dtype, device=a.device)
     pre = torch.empty(p, 2 * f, dtype=a.dtype, device=a.device) if store_pre else None
     _launch(_gmm_swiglu, a, w13, h, pre, offsets, gather_index, f, w13.shape[1], 1, store_pre,
-            False, config)
+            False, config, zero_tail)
     return h, pre
 
 
 def launch_gmm_swiglu_bwd(dy, w2, offsets, pre):
     """d(gate | up) [P, 2F] from dy [P, D], w2 [E, F, D] and the saved pre-activation
     [P, 2F]: dh = dY[rows_e] @ W2[e]^T (grouped GEMM), then one elementwise SwiGLU-backward
-    pass (kernels/swiglu.py; measured faster than doing it in the GEMM's epilogue); rows
-    [offsets[E], P) are zeros, and that pass does not read them."""
+    pass (kernels/swiglu.py; measured faster than doing it in the GEMM's epilogue). Rows
+    [offsets[E], P) are left undefined, and neither pass reads or writes them there: the
+    result's readers (the W13 wgrad and the dX dgrad) stop at offsets[E]. In hard IRL mode
+    half the rows can sit in that tail."""
     _check(dy, w2, offsets, None, w2.shape[2])
     if pre.shape != (dy.shape[0], 2 * w2.shape[1]):
         raise ValueError(f"pre must be [P, 2F] = [{dy.shape[0]}, {2 * w2.shape[1]}], got "
                          f"{tuple(pre.shape)}")
-    return launch_swiglu_bwd(pre, launch_gmm(dy, w2, offsets, trans_w=True), offsets[-1:])
+    dh = launch_gmm(dy, w2, offsets, trans_w=True, zero_tail=False)
+    return launch_swiglu_bwd(pre, dh, offsets[-1:], zero_tail=False)
 
 
 def launch_wgrad(a, dy, offsets, gather_index=None, accumulate_into=None, out_dtype=None,

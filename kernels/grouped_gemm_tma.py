@@ -360,9 +360,11 @@ def _desc(t: torch.Tensor) -> "TensorDescriptor":
 
 
 def launch_gmm_tma(a, w, c, pre, offsets, gather_index, n, k, epilogue, store_pre, trans_w,
-                   p_bucket, prec, config=None):
+                   p_bucket, prec, config=None, zero_tail=True):
     """The TMA twin of grouped_gemm._launch (arguments already checked there): writes c
-    (and pre) for all P rows; returns c."""
+    (and pre) for the experts' rows, and zeros in c's tail [offsets[E], P) when zero_tail;
+    returns c. pre's tail is never written (its one reader, the SwiGLU backward, stops at
+    offsets[E])."""
     p, e = c.shape[0], w.shape[0]
     w2 = weights_2d(w)
     a_desc = None if gather_index is not None else _desc(a)
@@ -379,9 +381,8 @@ def launch_gmm_tma(a, w, c, pre, offsets, gather_index, n, k, epilogue, store_pr
         tiles = (triton.cdiv(p, meta["BLOCK_M"]) + e) * triton.cdiv(n, meta["BLOCK_N"])
         return (min(programs, tiles) if meta["PERSISTENT"] else tiles,)
 
-    for out in (c, pre):
-        if out is not None:
-            zero_tail(out, offsets, e)
+    if zero_tail:
+        _zero_rows_from_end(c, offsets, e)
     kernel[grid](a_desc, a, b_desc, c_desc, c, c if pre is None else pre, offsets,
                  offsets if gather_index is None else gather_index,
                  p, n, k, e, a.stride(0), c.stride(0), 0 if pre is None else pre.stride(0),
@@ -392,7 +393,7 @@ def launch_gmm_tma(a, w, c, pre, offsets, gather_index, n, k, epilogue, store_pr
     return c
 
 
-def zero_tail(c: torch.Tensor, offsets: torch.Tensor, e: int) -> None:
+def _zero_rows_from_end(c: torch.Tensor, offsets: torch.Tensor, e: int) -> None:
     """c[offsets[e]:] = 0 without reading offsets on the host."""
     p, n = c.shape
     bm, bn = (16, 16) if _interpreting() else (64, 128)

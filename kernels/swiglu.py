@@ -4,8 +4,9 @@ One idea: from the saved pre-activation [P, 2F] (gate | up) and dh [P, F], write
 d(gate | up) [P, 2F] in one read of each input and one write, fp32 math in registers.
 It follows a plain dgrad GEMM (dh = dY @ W2^T); doing it in that GEMM's epilogue measured
 slower (docs/kernels_notes.md). Rows past `rows_end` (the experts' zero tail, where hard IRL
-mode parks its inactive rows) get zeros without their inputs being read. MOC_MATH.md,
-"Experts".
+mode parks its inactive rows) get zeros without their inputs being read, or, for callers
+that read rows before `rows_end` only (the expert MLP's backward), are not written at all.
+MOC_MATH.md, "Experts".
 
 Shape legend: P rows, F ffn size.
     h = silu(g) * u;  du = dh * silu(g);  dg = dh * u * sig(g) * (1 + g * (1 - sig(g)))
@@ -27,8 +28,8 @@ BLOCK_ROWS, BLOCK_COLS = 8, 256   # 8 x 256 bf16 = 4 KiB per input tile; memory 
 if triton is not None:
     @triton.jit
     def _swiglu_bwd_kernel(pre_ptr, dh_ptr, out_ptr, end_ptr, P, F, stride_pm, stride_dm,
-                           stride_om, HAS_END: tl.constexpr, BLOCK_R: tl.constexpr,
-                           BLOCK_C: tl.constexpr):
+                           stride_om, HAS_END: tl.constexpr, STORE_TAIL: tl.constexpr,
+                           BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
         rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
         cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         mask = (rows < P)[:, None] & (cols < F)[None, :]
@@ -42,15 +43,18 @@ if triton is not None:
                      other=0.0).to(tl.float32)
         sig = tl.sigmoid(g)
         o_ptrs = out_ptr + rows[:, None] * stride_om + cols[None, :]
+        out_mask = mask if STORE_TAIL else live
         tl.store(o_ptrs, (dh * u * sig * (1.0 + g * (1.0 - sig))).to(out_ptr.dtype.element_ty),
-                 mask=mask)
-        tl.store(o_ptrs + F, (dh * g * sig).to(out_ptr.dtype.element_ty), mask=mask)
+                 mask=out_mask)
+        tl.store(o_ptrs + F, (dh * g * sig).to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
 def launch_swiglu_bwd(pre: torch.Tensor, dh: torch.Tensor,
-                      rows_end: torch.Tensor | None = None) -> torch.Tensor:
+                      rows_end: torch.Tensor | None = None, zero_tail: bool = True
+                      ) -> torch.Tensor:
     """d(gate | up) [P, 2F] from pre [P, 2F] and dh [P, F] (same dtype, unit column stride).
-    rows_end: int64 [1] on the device (offsets[E:]); rows from it on come out as zeros."""
+    rows_end: int64 [1] on the device (offsets[E:]); rows from it on come out as zeros, or
+    unwritten with zero_tail=False."""
     p, f = dh.shape
     if pre.shape != (p, 2 * f) or pre.dtype != dh.dtype:
         raise ValueError(f"pre must be [P, 2F] = [{p}, {2 * f}] in {dh.dtype}, got "
@@ -61,7 +65,8 @@ def launch_swiglu_bwd(pre: torch.Tensor, dh: torch.Tensor,
     grid = (triton.cdiv(p, BLOCK_ROWS), triton.cdiv(f, BLOCK_COLS))
     _swiglu_bwd_kernel[grid](pre, dh, out, pre if rows_end is None else rows_end, p, f,
                              pre.stride(0), dh.stride(0), out.stride(0),
-                             HAS_END=rows_end is not None, BLOCK_R=BLOCK_ROWS,
+                             HAS_END=rows_end is not None,
+                             STORE_TAIL=zero_tail or rows_end is None, BLOCK_R=BLOCK_ROWS,
                              BLOCK_C=BLOCK_COLS, num_warps=4)
     return out
 

@@ -118,8 +118,10 @@ def test_bf16_on_gpu(gather):
 
 @pytest.mark.parametrize("case", CASES)
 def test_swiglu_bwd_after_dgrad(case, device, poison):
-    """The W2 dgrad followed by the elementwise SwiGLU backward (kernels/swiglu.py); the zero
-    tail's saved pre-activations are never read (NaN there must not leak out)."""
+    """The W2 dgrad followed by the elementwise SwiGLU backward (kernels/swiglu.py). The rows
+    before offsets[E] are right; the tail's saved pre-activations are never read (NaN there
+    must not leak into them); the tail of the result is left undefined (its readers, the
+    W13 wgrad and the dX dgrad, stop at offsets[E])."""
     from kernels.grouped_gemm import grouped_gemm_reference, launch_gmm_swiglu_bwd
     from kernels.swiglu import swiglu_bwd_reference
     x, w13, w2, dy, offsets, _ = make(*case, False, device)
@@ -128,6 +130,21 @@ def test_swiglu_bwd_after_dgrad(case, device, poison):
     pre[end:] = float("nan")
     dgu = launch_gmm_swiglu_bwd(dy, w2, offsets, pre)
     dh = grouped_gemm_reference(dy.double(), w2.double().transpose(1, 2), offsets)
-    assert not dgu.isnan().any()
-    assert (dgu[end:] == 0).all()
+    assert not dgu[:end].isnan().any()
     assert rel(dgu[:end], swiglu_bwd_reference(pre[:end].double(), dh[:end])) < 1e-5
+
+
+@pytest.mark.parametrize("zero_tail", [True, False])
+def test_swiglu_bwd_tail_rows(device, zero_tail):
+    """launch_swiglu_bwd past rows_end: zeros by default; with zero_tail=False the output's
+    tail keeps whatever the buffer held (not written), the rows before it are the same."""
+    from kernels.swiglu import launch_swiglu_bwd, swiglu_bwd_reference
+    g = torch.Generator().manual_seed(3)
+    p, f, end = 40, 24, 29
+    pre = torch.randn(p, 2 * f, generator=g).to(device)
+    dh = torch.randn(p, f, generator=g).to(device)
+    pre[end:] = float("nan")
+    out = launch_swiglu_bwd(pre, dh, torch.tensor([end], device=device), zero_tail=zero_tail)
+    assert rel(out[:end], swiglu_bwd_reference(pre[:end].double(), dh[:end].double())) < 1e-5
+    if zero_tail:
+        assert (out[end:] == 0).all()
