@@ -118,7 +118,8 @@ def swiglu_bwd_math(pre: torch.Tensor, dh: torch.Tensor) -> torch.Tensor:
 def torch_wgrad(a, dy, offsets, gather_index=None, accumulate_into=None, out_dtype=None,
                 use_grouped_mm=True, num_experts=None):
     """dW[e] = A[rows_e]^T @ dY[rows_e] -> [E, K, N]; adds into `accumulate_into` (fp32) when
-    given and returns it."""
+    given and returns it, or, with an out_dtype other than fp32, returns the sum in out_dtype
+    and leaves `accumulate_into` as it was (grouped_gemm.launch_wgrad's contract)."""
     if gather_index is not None:
         a = a.index_select(0, gather_index)
     num_experts = offsets.shape[0] - 1 if num_experts is None else num_experts
@@ -131,7 +132,9 @@ def torch_wgrad(a, dy, offsets, gather_index=None, accumulate_into=None, out_dty
             lo, hi = bounds[e], bounds[e + 1]
             dw[e] = a[lo:hi].float().t() @ dy[lo:hi].float()
     if accumulate_into is not None:
-        return accumulate_into.add_(dw)
+        if out_dtype in (None, torch.float32):
+            return accumulate_into.add_(dw)
+        return (accumulate_into + dw).to(out_dtype)
     return dw.to(out_dtype or a.dtype)
 
 

@@ -168,12 +168,14 @@ if triton is not None:
             store_swiglu(acc, acc_up, c_ptrs, pre_ptr, rm, rn, cmask, N, stride_pm, STORE_PRE)
 
     @triton.jit
-    def _wgrad_kernel(a_ptr, b_ptr, c_ptr, off_ptr, gidx_ptr, K, N, stride_am, stride_bm,
+    def _wgrad_kernel(a_ptr, b_ptr, c_ptr, acc_in_ptr, off_ptr, gidx_ptr, K, N, stride_am,
+                      stride_bm,
                       stride_ce, stride_ck, K_BUCKET,
                       HAS_GATHER: tl.constexpr, ACCUMULATE: tl.constexpr, EVEN_K: tl.constexpr,
                       EVEN_N: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-        """C[e] (+)= A[rows_e]^T @ B[rows_e]: A [P or T, K], B [P, N], C [E, K, N].
+        """C[e] = (ACC_IN[e] +) A[rows_e]^T @ B[rows_e]: A [P or T, K], B [P, N], C and
+        ACC_IN [E, K, N] of the same strides (ACC_IN fp32; C itself to add in place).
         Program (k-tile, n-tile) of expert program_id(1); the reduction runs over the expert's
         rows, BLOCK_M at a time, unmasked except the last partial chunk."""
         pid = tl.program_id(0)
@@ -224,11 +226,11 @@ if triton is not None:
         b = tl.load(b_ptr + tl.where(rmask, rows, 0)[:, None] * stride_bm + rn_l[None, :],
                     mask=rmask[:, None], other=0.0)
         acc = tl.dot(tl.trans(a), b, acc, input_precision=PREC)
-        c_ptrs = c_ptr + e.to(tl.int64) * stride_ce + rk[:, None] * stride_ck + rn[None, :]
+        offs = e.to(tl.int64) * stride_ce + rk[:, None] * stride_ck + rn[None, :]
         cmask = kmask[:, None] & nmask[None, :]
         if ACCUMULATE:
-            acc += tl.load(c_ptrs, mask=cmask, other=0.0)
-        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=cmask)
+            acc += tl.load(acc_in_ptr + offs, mask=cmask, other=0.0)
+        tl.store(c_ptr + offs, acc.to(c_ptr.dtype.element_ty), mask=cmask)
 
     def _even(dim, block):
         return lambda args: args[dim] % args[block] == 0
@@ -368,7 +370,9 @@ def launch_gmm_swiglu_bwd(dy, w2, offsets, pre):
 def launch_wgrad(a, dy, offsets, gather_index=None, accumulate_into=None, out_dtype=None,
                  num_experts=None, config=None):
     """dW [E, K, N] with dW[e] = A[rows_e]^T @ dY[rows_e] (fp32 accumulation); experts with
-    no rows get zeros. accumulate_into: fp32 [E, K, N] to add into (returned)."""
+    no rows get zeros. accumulate_into: fp32 [E, K, N] to add into (returned); with an
+    out_dtype other than fp32, the sum goes to a new tensor of that dtype instead and
+    accumulate_into is left as it was (the last of several uses: add and cast in one pass)."""
     e = offsets.shape[0] - 1 if num_experts is None else num_experts
     k, n = a.shape[1], dy.shape[1]
     if accumulate_into is not None and (accumulate_into.dtype != torch.float32
@@ -379,11 +383,11 @@ def launch_wgrad(a, dy, offsets, gather_index=None, accumulate_into=None, out_dt
         raise ValueError(f"dy must be [P, N] in {a.dtype}, got {dy.dtype} {tuple(dy.shape)}")
     _check(a, dy.new_empty(e, k, 0), offsets, gather_index, k)
     a, dy = _unit_k(a), _unit_k(dy)
-    c = accumulate_into
-    if c is None:
+    c = acc_in = accumulate_into
+    if acc_in is not None and not acc_in.is_contiguous():
+        raise ValueError("accumulate_into must be contiguous")
+    if c is None or out_dtype not in (None, torch.float32):
         c = torch.empty(e, k, n, dtype=out_dtype or a.dtype, device=a.device)
-    elif c.stride(2) != 1:
-        raise ValueError("accumulate_into must be contiguous in its last dim")
     k_bucket = _p_bucket(dy.shape[0] // max(e, 1))
     if gather_index is not None and tma.GATHER and tma.tma_ok(dy):
         # Measured (docs/kernels_notes.md): on the TMA path a gathered wgrad runs ~40% slower
@@ -391,11 +395,12 @@ def launch_wgrad(a, dy, offsets, gather_index=None, accumulate_into=None, out_dt
         a, gather_index = a.index_select(0, gather_index), None
     if (gather_index is None or tma.GATHER) and tma.tma_ok(
             a if gather_index is None else None, dy):
-        return tma.launch_wgrad_tma(a, dy, c, offsets, gather_index,
-                                    accumulate_into is not None, k_bucket, _prec(a.dtype), config)
+        return tma.launch_wgrad_tma(a, dy, c, offsets, gather_index, acc_in, k_bucket,
+                                    _prec(a.dtype), config)
     kernel = _wgrad_tuned if config is None else triton.heuristics(_heur)(_wgrad_kernel)
     grid = lambda meta: (triton.cdiv(k, meta["BLOCK_K"]) * triton.cdiv(n, meta["BLOCK_N"]), e)
-    kernel[grid](a, dy, c, offsets, offsets if gather_index is None else gather_index,
+    kernel[grid](a, dy, c, c if acc_in is None else acc_in, offsets,
+                 offsets if gather_index is None else gather_index,
                  k, n, a.stride(0), dy.stride(0), c.stride(0), c.stride(1), k_bucket,
                  HAS_GATHER=gather_index is not None, ACCUMULATE=accumulate_into is not None,
                  PREC=_prec(a.dtype), **(config or {}))
@@ -442,14 +447,19 @@ class WeightGradAccumulator:
     `track(*weights)` returns identity views to use in the ops (pass `wgrad_acc=self`). Each
     op's backward sends its dW into one fp32 [E, K, N] buffer per weight (the first backward
     writes it, the later ones accumulate in the wgrad kernel); the track node runs after all
-    of them (autograd orders it last) and returns each sum cast once to the weight's dtype.
-    Gradients that reach the views by other paths are added before the cast. Make one per
-    forward pass: it keeps its buffers only until that backward ends."""
+    of them (autograd orders it last) and returns each sum in the weight's dtype, rounded
+    once. The uses are counted in forward (`slot`), so the last use's wgrad adds the buffer
+    and writes the weight's dtype itself (no separate fp32 read-modify-write and cast pass;
+    a weight used once never gets an fp32 buffer). Gradients that reach the views by other
+    paths are added at the end. Make one per forward pass: it keeps its buffers only until
+    that backward ends."""
 
     def __init__(self):
         self._slots: dict[int, int] = {}
         self._views: list[torch.Tensor] = []
         self._bufs: list[torch.Tensor | None] = []
+        self._uses: list[int] = []     # ops that took the view in forward
+        self._added: list[int] = []    # of those, wgrads received so far
 
     def track(self, *weights: torch.Tensor):
         views = _Track.apply(self, *weights)
@@ -457,25 +467,37 @@ class WeightGradAccumulator:
             self._slots[id(v)] = len(self._views)
             self._views.append(v)           # keeps the id valid while we live
             self._bufs.append(None)
+            self._uses.append(0)
+            self._added.append(0)
         return views
 
     def slot(self, w: torch.Tensor) -> int:
         if id(w) not in self._slots:
             raise ValueError("wgrad_acc was given a weight it does not track: pass the views "
                              "returned by WeightGradAccumulator.track()")
-        return self._slots[id(w)]
+        slot = self._slots[id(w)]
+        self._uses[slot] += 1     # one forward use: one wgrad to come
+        return slot
 
     def add(self, slot: int, wgrad_fn):
-        """wgrad_fn(accumulate_into) -> fp32 [E, K, N]; None on the first call."""
-        self._bufs[slot] = wgrad_fn(self._bufs[slot])
+        """wgrad_fn(accumulate_into, out_dtype) -> [E, K, N]: accumulate_into is None on the
+        first call; out_dtype is fp32 until the last expected use, then the weight's."""
+        self._added[slot] += 1
+        buf = self._bufs[slot]
+        if buf is not None and buf.dtype != torch.float32:
+            buf = buf.float()    # a use beyond the count (a recomputed forward): back to fp32
+        last = self._added[slot] >= self._uses[slot]
+        self._bufs[slot] = wgrad_fn(buf, self._views[slot].dtype if last else torch.float32)
 
     def _finish(self, grads):
         out = []
         for buf, g, v in zip(self._bufs, grads, self._views):
             if buf is None:
                 out.append(g)
-            else:
+            elif buf.dtype == torch.float32 and v.dtype != torch.float32:
                 out.append((buf if g is None else buf.add_(g)).to(v.dtype))
+            else:        # already in the weight's dtype (the last use wrote it)
+                out.append(buf if g is None else buf + g)
         self._bufs = [None] * len(self._bufs)
         # The views' grad_fn holds this object: drop them, or the cycle keeps the autograd
         # graph (and the weights' AccumulateGrad nodes) alive until the next gc pass.
@@ -499,8 +521,8 @@ def wgrad_into(prims, acc, slot, a, dy, offsets, gather_index, dtype):
     """dW for one weight: returned, or (with an accumulator) added in fp32 and None returned."""
     if acc is None:
         return prims.wgrad(a, dy, offsets, gather_index, out_dtype=dtype)
-    acc.add(slot, lambda buf: prims.wgrad(a, dy, offsets, gather_index, accumulate_into=buf,
-                                          out_dtype=torch.float32))
+    acc.add(slot, lambda buf, out_dtype: prims.wgrad(a, dy, offsets, gather_index,
+                                                     accumulate_into=buf, out_dtype=out_dtype))
     return None
 
 

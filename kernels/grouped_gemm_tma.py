@@ -268,13 +268,13 @@ if triton is not None:
                              STORE_PRE)
 
     @triton.jit
-    def _wgrad_tma_kernel(a_desc, a_ptr, b_desc, c_ptr, off_ptr, gidx_ptr, K, N,
+    def _wgrad_tma_kernel(a_desc, a_ptr, b_desc, c_ptr, acc_in_ptr, off_ptr, gidx_ptr, K, N,
                           stride_am, stride_ce, stride_ck, K_BUCKET,
                           HAS_GATHER: tl.constexpr, ACCUMULATE: tl.constexpr,
                           EVEN_K: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-        """C[e] (+)= A[rows_e]^T @ B[rows_e] for program (tile, e): A [P or T, K], B [P, N],
-        C [E, K, N]. Full BLOCK_M row chunks by TMA; the last partial chunk is zeroed past
+        """C[e] = (ACC_IN[e] +) A[rows_e]^T @ B[rows_e] for program (tile, e): A [P or T, K],
+        B [P, N], C and ACC_IN [E, K, N] of the same strides. Full BLOCK_M row chunks by TMA; the last partial chunk is zeroed past
         the expert's end after its load."""
         pid = tl.program_id(0)
         e = tl.program_id(1)
@@ -316,11 +316,11 @@ if triton is not None:
             b = tl.where(rmask[:, None], b_desc.load([r.to(tl.int32), n0]), 0.0)
             acc = tl.dot(tl.trans(a), b, acc, input_precision=PREC)
         rn = n0 + tl.arange(0, BLOCK_N)
-        c_ptrs = c_ptr + e.to(tl.int64) * stride_ce + rk[:, None] * stride_ck + rn[None, :]
+        offs = e.to(tl.int64) * stride_ce + rk[:, None] * stride_ck + rn[None, :]
         cmask = (rk < K)[:, None] & (rn < N)[None, :]
         if ACCUMULATE:
-            acc += tl.load(c_ptrs, mask=cmask, other=0.0)
-        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=cmask)
+            acc += tl.load(acc_in_ptr + offs, mask=cmask, other=0.0)
+        tl.store(c_ptr + offs, acc.to(c_ptr.dtype.element_ty), mask=cmask)
 
     @triton.jit
     def _zero_tail_kernel(c_ptr, off_ptr, P, N, E, stride_cm, BLOCK_M: tl.constexpr,
@@ -401,10 +401,9 @@ def _zero_rows_from_end(c: torch.Tensor, offsets: torch.Tensor, e: int) -> None:
                                              BLOCK_M=bm, BLOCK_N=bn)
 
 
-def launch_wgrad_tma(a, dy, c, offsets, gather_index, accumulate, k_bucket, prec,
-                     config=None):
-    """The TMA twin of grouped_gemm.launch_wgrad's launch: c [E, K, N] (+)= per-expert
-    A^T dY; returns c."""
+def launch_wgrad_tma(a, dy, c, offsets, gather_index, acc_in, k_bucket, prec, config=None):
+    """The TMA twin of grouped_gemm.launch_wgrad's launch: c [E, K, N] = (acc_in +)
+    per-expert A^T dY (acc_in None: no add; c itself: in place); returns c."""
     e, k, n = c.shape
     a_desc = None if gather_index is not None else _desc(a)
     b_desc = _desc(dy)
@@ -413,9 +412,9 @@ def launch_wgrad_tma(a, dy, c, offsets, gather_index, accumulate, k_bucket, prec
         kernel = triton.heuristics(_even_k)(_wgrad_tma_kernel)
         _size_wgrad_blocks(dict(config, a_desc=a_desc, b_desc=b_desc))
     grid = lambda meta: (triton.cdiv(k, meta["BLOCK_K"]) * triton.cdiv(n, meta["BLOCK_N"]), e)
-    kernel[grid](a_desc, a, b_desc, c, offsets,
+    kernel[grid](a_desc, a, b_desc, c, c if acc_in is None else acc_in, offsets,
                  offsets if gather_index is None else gather_index, k, n,
                  a.stride(0), c.stride(0), c.stride(1), k_bucket,
-                 HAS_GATHER=gather_index is not None, ACCUMULATE=accumulate, PREC=prec,
+                 HAS_GATHER=gather_index is not None, ACCUMULATE=acc_in is not None, PREC=prec,
                  **(config or {}))
     return c

@@ -148,3 +148,27 @@ def test_swiglu_bwd_tail_rows(device, zero_tail):
     assert rel(out[:end], swiglu_bwd_reference(pre[:end].double(), dh[:end].double())) < 1e-5
     if zero_tail:
         assert (out[end:] == 0).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_bf16_accumulated_steps_on_gpu():
+    """Two steps on bf16 weights through one WeightGradAccumulator: the second (last) wgrad
+    adds the fp32 buffer and writes bf16 itself; the step-2 rows half in the zero tail."""
+    counts = [900, 0, 2100, 37, 501, 700, 1, 400]
+    x, w13, w2, dy, offsets, _ = make(8, 256, 384, counts, 7, False, "cuda",
+                                      dtype=torch.bfloat16)
+    off2 = offsets // 2            # step 2: fewer rows, the rest in the zero tail
+    w13, w2 = w13.requires_grad_(), w2.requires_grad_()
+    acc = WeightGradAccumulator()
+    w13_t, w2_t = acc.track(w13, w2)
+    h1 = expert_swiglu_mlp(x, w13_t, w2_t, offsets, wgrad_acc=acc)
+    h2 = expert_swiglu_mlp(h1, w13_t, w2_t, off2, wgrad_acc=acc)
+    ((h1.float() * dy.float()).sum() + (h2.float() * dy.float()).sum()).backward()
+    w13_r = w13.detach().float().requires_grad_()
+    w2_r = w2.detach().float().requires_grad_()
+    h1_r = expert_swiglu_mlp_reference(x.float(), w13_r, w2_r, offsets)
+    h2_r = expert_swiglu_mlp_reference(h1_r, w13_r, w2_r, off2)
+    ((h1_r * dy.float()).sum() + (h2_r * dy.float()).sum()).backward()
+    assert w13.grad.dtype == torch.bfloat16
+    assert rel(w13.grad, w13_r.grad) < 1e-2 and rel(w2.grad, w2_r.grad) < 1e-2
