@@ -326,8 +326,9 @@ if triton is not None:
     def _zero_tail_kernel(c_ptr, off_ptr, P, N, E, stride_cm, BLOCK_M: tl.constexpr,
                           BLOCK_N: tl.constexpr):
         """Rows [offsets[E], P) of C [P, N] := 0. One program per BLOCK_M rows, looping over
-        N: programs before the tail return at once (a [rows, N-tiles] grid made ~25K programs
-        that mostly just returned: 20 µs a call at P = 32768, N = 6144 on an H100)."""
+        N: programs before the tail return at once. (A [rows, N-tiles] grid made thousands of
+        programs that mostly just returned: 6.1 µs a call against 1.9 µs now, at the 1B MoC
+        shapes on an H100, 160 calls a micro-batch.)"""
         rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         tail = tl.load(off_ptr + E)
         if tl.program_id(0) * BLOCK_M + BLOCK_M <= tail:

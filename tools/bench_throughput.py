@@ -267,7 +267,10 @@ def profile_step(args, step, kind: str, micro_batch: int) -> dict:
     kernels = {}
     for evt in prof.key_averages():
         t = getattr(evt, "device_time_total", 0) or getattr(evt, "cuda_time_total", 0)
-        if args.device == "cuda" and evt.device_type == torch.autograd.DeviceType.CUDA and t > 0:
+        # (inductor's "## Call CompiledFxGraph ..." ranges also show on the GPU timeline:
+        # they span kernels already counted)
+        if (args.device == "cuda" and evt.device_type == torch.autograd.DeviceType.CUDA
+                and t > 0 and not evt.key.startswith("## ")):
             kernels[evt.key] = kernels.get(evt.key, (0.0, 0))
             kernels[evt.key] = (kernels[evt.key][0] + t / 1e3, kernels[evt.key][1] + evt.count)
     total = sum(ms for ms, _ in kernels.values()) or 1.0
