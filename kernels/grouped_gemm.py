@@ -169,8 +169,7 @@ if triton is not None:
 
     @triton.jit
     def _wgrad_kernel(a_ptr, b_ptr, c_ptr, acc_in_ptr, off_ptr, gidx_ptr, K, N, stride_am,
-                      stride_bm,
-                      stride_ce, stride_ck, K_BUCKET,
+                      stride_bm, stride_ce, stride_ck, K_BUCKET,
                       HAS_GATHER: tl.constexpr, ACCUMULATE: tl.constexpr, EVEN_K: tl.constexpr,
                       EVEN_N: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):

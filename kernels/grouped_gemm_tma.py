@@ -274,7 +274,8 @@ if triton is not None:
                           EVEN_K: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
         """C[e] = (ACC_IN[e] +) A[rows_e]^T @ B[rows_e] for program (tile, e): A [P or T, K],
-        B [P, N], C and ACC_IN [E, K, N] of the same strides. Full BLOCK_M row chunks by TMA; the last partial chunk is zeroed past
+        B [P, N], C and ACC_IN [E, K, N] of the same strides (ACC_IN fp32; C itself to add in
+        place). Full BLOCK_M row chunks by TMA; the last partial chunk is zeroed past
         the expert's end after its load."""
         pid = tl.program_id(0)
         e = tl.program_id(1)

@@ -74,9 +74,11 @@ def fp32_logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 def own_gate_logits(x: torch.Tensor, weight_EOD: torch.Tensor, bias_EO: torch.Tensor,
                     expert_P: torch.Tensor) -> torch.Tensor:
     """fp32 [P, O]: row p's logits under its own expert's gate, x_p · W[e_p]^T + b[e_p]
-    (x [P, D], weight [E, O, D], bias [E, O], expert_P int64 [P]). Compiled with bf16 /
-    fp16 operands: a reduction per row (module docstring); otherwise one [P, D]·[D, E·O]
-    product over all E gates (cheap: E·O columns) and a gather."""
+    (x [P, D], weight [E, O, D], bias [E, O], expert_P int64 [P]): one [P, D]·[D, E·O]
+    product over all E gates (cheap: E·O columns), then each row keeps its expert's O.
+    (A per-row reduction instead, tried under torch.compile, made inductor inline the gate's
+    softmax backward into the [P, D] dx kernel once per element: 3.4 ms a layer on an H100,
+    docs/benchmarks.md session 5.)"""
     E, O, D = weight_EOD.shape
     P = x.shape[0]
     logits = fp32_logits(x, weight_EOD.reshape(E * O, D), bias_EO.reshape(-1)).view(P, E, O)

@@ -136,8 +136,8 @@ def test_swiglu_bwd_after_dgrad(case, device, poison):
 
 @pytest.mark.parametrize("zero_tail", [True, False])
 def test_swiglu_bwd_tail_rows(device, zero_tail):
-    """launch_swiglu_bwd past rows_end: zeros by default; with zero_tail=False the output's
-    tail keeps whatever the buffer held (not written), the rows before it are the same."""
+    """launch_swiglu_bwd past rows_end: zeros by default (zero_tail=False leaves that tail
+    undefined); the rows before it are right either way, NaN in the tail's inputs unread."""
     from kernels.swiglu import launch_swiglu_bwd, swiglu_bwd_reference
     g = torch.Generator().manual_seed(3)
     p, f, end = 40, 24, 29
