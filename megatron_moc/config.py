@@ -34,6 +34,7 @@ MODEL_KINDS = ("dense", "irl_only", "moe", "collab_only", "moc", "moc_v1")
 EXPERT_KINDS = ("moe", "collab_only", "moc", "moc_v1")
 ADAPTIVE_MODES = ("soft", "hard")
 EXPERT_BACKENDS = ("auto", "triton", "grouped_mm", "loop")
+MEDIATOR_BACKENDS = ("auto", "triton", "torch")
 RECOMPUTE_CHOICES = ("none", "mediator", "experts", "all")
 
 # Fields a YAML file may set. Megatron's TransformerConfig has ~400 fields; a recipe sets
@@ -113,6 +114,10 @@ class MoCConfig(TransformerConfig):
     moc_value_rank: int = 0
     # Systems.
     moc_expert_backend: str = "auto"
+    # The mediator round's [N, K, D] work (kernels/mediator_round.py): "triton" (fused
+    # kernels), "torch" (plain ops; compiled, inductor fuses them), "auto" (triton for bf16 /
+    # fp16 / fp32 CUDA tensors, else torch). Speed only: same math.
+    moc_mediator_backend: str = "auto"
     # torch.compile the MoC stages (router, IRL experts, mediator), the norms and the loss;
     # Megatron's attention glue stays eager (model/compile.py). Speed only: same math.
     moc_compile: bool = False
@@ -181,6 +186,9 @@ class MoCConfig(TransformerConfig):
         if self.moc_expert_backend not in EXPERT_BACKENDS:
             bad("moc_expert_backend", f"unknown backend {self.moc_expert_backend!r}; "
                 f"choose one of {EXPERT_BACKENDS}")
+        if self.moc_mediator_backend not in MEDIATOR_BACKENDS:
+            bad("moc_mediator_backend", f"unknown backend {self.moc_mediator_backend!r}; "
+                f"choose one of {MEDIATOR_BACKENDS}")
         for name in ("moc_step_gate_temperature", "moc_round_gate_temperature"):
             if getattr(self, name) <= 0:
                 bad(name, f"temperature must be > 0, got {getattr(self, name)}")

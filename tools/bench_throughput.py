@@ -82,12 +82,13 @@ def model_fields(preset: str, kind: str) -> dict:
 
 
 def moc_config(preset: str, kind: str, seq: int, backend: str = "auto", compile_: bool = False,
-               recompute: str = "none", dtype=torch.bfloat16):
+               recompute: str = "none", dtype=torch.bfloat16, mediator_backend: str = "auto"):
     from megatron_moc.config import MoCConfig
 
     return MoCConfig(**model_fields(preset, kind), max_position_embeddings=seq,
                      params_dtype=dtype, bf16=dtype == torch.bfloat16,
-                     moc_expert_backend=backend, moc_compile=compile_, moc_recompute=recompute)
+                     moc_expert_backend=backend, moc_compile=compile_, moc_recompute=recompute,
+                     moc_mediator_backend=mediator_backend)
 
 
 # ----------------------------------------------------------------------------- models
@@ -95,7 +96,8 @@ def build_ours(args, kind):
     from megatron_moc.model.gpt import build_model
 
     cfg = moc_config(args.preset, kind, args.seq, args.backend, args.compile, args.recompute,
-                     torch.bfloat16 if args.device == "cuda" else torch.float32)
+                     torch.bfloat16 if args.device == "cuda" else torch.float32,
+                     args.mediator_backend)
     model = build_model(cfg).to(args.device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=args.device == "cuda",
                             capturable=args.cuda_graph)
@@ -210,6 +212,7 @@ def bench(args, kind: str, micro_batch: int) -> dict:
                recompute=args.recompute if args.impl == "ours" else None,
                research_ckpt=args.research_ckpt if args.impl == "research" else None,
                backend=args.backend if args.impl == "ours" else None,
+               mediator_backend=args.mediator_backend if args.impl == "ours" else None,
                total_params_m=counts.total / 1e6, active_params_m=counts.active / 1e6,
                flops_per_token=flops, step_ms=seconds * 1e3, tokens_per_s=tokens_per_s,
                mfu=tokens_per_s * flops / (args.peak_tflops * 1e12),
@@ -302,6 +305,8 @@ def main(argv=None) -> None:
     p.add_argument("--preset", default="500m", choices=sorted(PRESETS))
     p.add_argument("--kinds", nargs="+", default=["moe", "moc", "moc_hard"], choices=sorted(KINDS))
     p.add_argument("--backend", default="auto", choices=["auto", "triton", "grouped_mm"])
+    p.add_argument("--mediator-backend", default="auto", choices=["auto", "triton", "torch"],
+                   help="moc_mediator_backend (ours only)")
     p.add_argument("--compile", action="store_true", help="moc_compile (ours only)")
     p.add_argument("--cuda-graph", action="store_true",
                    help="capture the whole step as a CUDA graph (ours only; "

@@ -16,7 +16,7 @@ kernels instead of costing eager passes over [N, K, D] and [N, D], forward and b
 Softmaxes and gates run in fp32.
 """
 
-import math
+import importlib.util
 from dataclasses import dataclass
 
 import torch
@@ -26,7 +26,11 @@ from torch.utils.checkpoint import checkpoint
 from megatron_moc.model.norm import RMSNorm
 from megatron_moc.moc.adaptive import gate_entropy, step_activity
 from megatron_moc.moc.dispatch import DispatchPlan, combine
+from kernels.mediator_round import attend_reference, feedback_reference, scalar_gate
+from kernels.mediator_round_op import mediator_attend, mediator_feedback
 from megatron_moc.moc.logits import fp32_logits
+
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
 @dataclass(frozen=True)
@@ -80,13 +84,18 @@ class WeightedSumCombiner(nn.Module):
 
 
 def _scalar_gate(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """linear(x) for a D -> 1 linear (the feedback and fusion gates), as a product and a sum
-    over D: compiled, it fuses into the neighbouring elementwise work, where cuBLAS ran an
-    unaligned one-column GEMM per call (1B MoC, one H100: 0.043 ms a call, 5 a layer, forward
-    alone). Same math, fp32 accumulation either way."""
-    out = (x.unsqueeze(-2) * linear.weight).sum(-1)   # weight [1, D] as is: a view of the
-    # parameter made the compiled backward return a [D] gradient for it (seen on the GPU)
-    return out if linear.bias is None else out + linear.bias
+    """linear(x) for a D -> 1 linear (the fusion gate) as a product and a sum over D
+    (kernels.mediator_round.scalar_gate says why)."""
+    return scalar_gate(x, linear.weight, linear.bias)
+
+
+def _use_kernels(backend: str, states_NKD: torch.Tensor) -> bool:
+    """The one place that maps `moc_mediator_backend` to the fused kernels or plain torch.
+    (No import lookups per call: torch.compile traces this.)"""
+    if backend == "auto":
+        return (states_NKD.is_cuda and _HAS_TRITON
+                and states_NKD.dtype in (torch.bfloat16, torch.float16, torch.float32))
+    return backend == "triton"
 
 
 def _linear(config, d_in: int, d_out: int, bias: bool = False) -> nn.Linear:
@@ -135,32 +144,32 @@ class MediatorCombiner(nn.Module):
             self.collab_step_gate = None
         self.fuse_gate = _linear(config, D, 1, bias=True)
 
-    def round(self, mediator_ND, states_NKD, keep_NK):
-        """One mediator round. Returns (mediator', states')."""
+    def round(self, mediator_ND, states_NKD, keep_NK, activity_N):
+        """One mediator round and its update with the round's activity c (soft, or 0/1):
+        returns (mediator + c·(mediator' − mediator), states + c·(states' − states))."""
+        fused = _use_kernels(self.config.moc_mediator_backend, states_NKD)
         m_norm = self.mediator_norm(mediator_ND)
-        e_norm = self.expert_norm(states_NKD)
         q_ND = self.med_q(m_norm)
         # The keys and values are linear and bias-free, so q·k_k = (W_kᵀq)·e_k and
         # Σ_k β_k W_v e_k = W_v(Σ_k β_k e_k): two [N, D] products instead of two [N·K, D]
         # ones, and k, v [N, K, D] are never built. Same math (the fp64 oracle tests hold);
         # training/metrics.py counts these products as executed (K = 1 for W_k and W_v).
         qk_ND = q_ND @ self.exp_k.weight
-        # β: softmax over the kept experts, fp32, renormalized; 0 when none is kept.
-        dt = torch.float64 if states_NKD.dtype == torch.float64 else torch.float32
-        scores = (e_norm * qk_ND.unsqueeze(1)).sum(-1).to(dt) / math.sqrt(q_ND.shape[-1])
-        keep = keep_NK.to(scores.dtype)
-        beta = torch.softmax(scores.masked_fill(~keep_NK, -1e4), dim=-1) * keep
-        denom = beta.sum(-1, keepdim=True)
-        beta = torch.where(denom > 0, beta / torch.where(denom > 0, denom, 1), 0)
-        msg_ND = self.exp_v((beta.to(e_norm.dtype).unsqueeze(-1) * e_norm).sum(1))
-        new_mediator = mediator_ND + self.med_mlp(m_norm + msg_ND)
+        # pooled = Σ_k β_k·RMSNorm_exp(e_k), β the softmax over kept experts (fp32)
+        attend = mediator_attend if fused else attend_reference
+        pooled_ND = attend(states_NKD, keep_NK, self.expert_norm.weight, qk_ND,
+                           self.expert_norm.eps)
+        new_mediator = mediator_ND + self.med_mlp(m_norm + self.exp_v(pooled_ND))
+        c_N = activity_N.to(mediator_ND.dtype).unsqueeze(-1)
+        mediator_ND = mediator_ND + c_N * (new_mediator - mediator_ND)
         if self.med_to_exp is None:
-            return new_mediator, states_NKD
+            return mediator_ND, states_NKD
         feedback_ND = self.med_to_exp(self.mediator_norm(new_mediator))
-        gate_NK1 = torch.sigmoid(_scalar_gate(self.exp_feedback_e, states_NKD)
-                                 + _scalar_gate(self.exp_feedback_m, new_mediator).unsqueeze(1))
-        new_states = (states_NKD + gate_NK1 * feedback_ND.unsqueeze(1)) * keep_NK.unsqueeze(-1).to(states_NKD.dtype)
-        return new_mediator, new_states
+        update = mediator_feedback if fused else feedback_reference
+        states_NKD = update(states_NKD, keep_NK, feedback_ND, new_mediator, activity_N,
+                            self.exp_feedback_e.weight, self.exp_feedback_e.bias,
+                            self.exp_feedback_m.weight)
+        return mediator_ND, states_NKD
 
     def gate_entropy(self, x_ND):
         """Mean over all N tokens (the rows the gate sees, as the round penalty) of H(q) of
@@ -198,14 +207,11 @@ class MediatorCombiner(nn.Module):
         # moc_recompute: keep each round's inputs only and rerun the round in backward.
         recompute = cfg.moc_recompute in ("mediator", "all") and torch.is_grad_enabled()
         for r in range(self.rounds):
+            args = (mediator, states_NKD, keep_NK, activity_NR[:, r])
             if recompute:
-                new_mediator, new_states = checkpoint(self.round, mediator, states_NKD, keep_NK,
-                                                      use_reentrant=False)
+                mediator, states_NKD = checkpoint(self.round, *args, use_reentrant=False)
             else:
-                new_mediator, new_states = self.round(mediator, states_NKD, keep_NK)
-            c = activity_NR[:, r:r + 1].to(states_NKD.dtype)
-            mediator = mediator + c * (new_mediator - mediator)
-            states_NKD = states_NKD + c.unsqueeze(-1) * (new_states - states_NKD)
+                mediator, states_NKD = self.round(*args)
         ws = weighted_sum(states_NKD * keep_NK.unsqueeze(-1).to(states_NKD.dtype), w_NK)
         gamma_N1 = torch.sigmoid(_scalar_gate(self.fuse_gate, x_ND.to(ws.dtype)))
         fused = gamma_N1 * mediator + (1 - gamma_N1) * ws

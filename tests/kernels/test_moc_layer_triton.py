@@ -1,5 +1,6 @@
-"""The MoC layer with the Triton expert backend (interpreter, fp32) against the fp64 oracle,
-including the fp32 weight-gradient accumulation over the S IRL steps and hard-mode compaction."""
+"""The MoC layer with the Triton expert backend and the mediator's fused kernels
+(interpreter, fp32) against the fp64 oracle, including the fp32 weight-gradient accumulation
+over the S IRL steps and hard-mode compaction."""
 
 import pytest
 import torch

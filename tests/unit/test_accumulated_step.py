@@ -72,7 +72,8 @@ def test_bench_counts_every_micro_batch(megatron_world, monkeypatch):
 
     monkeypatch.setattr(bench_tool, "build_ours", build_ours)
     p = bench_tool.argparse.Namespace(
-        impl="ours", preset="tiny", backend="auto", compile=False, cuda_graph=False,
+        impl="ours", preset="tiny", backend="auto", mediator_backend="auto", compile=False,
+        cuda_graph=False,
         recompute="none", research_ckpt="none", seq=16, steps=2, warmup=1, device="cpu",
         profile=None, peak_tflops=989.0, grad_accum=3)
     row = bench_tool.bench(p, "moe", micro_batch=2)

@@ -57,7 +57,9 @@ def build_pair(kind, overrides, dtype, backend="auto", seed=0):
         for p in ref.parameters():
             p.add_(torch.randn_like(p) * 0.1)
     cfg = config_from_research(ref_cfg.research_dict(), params_dtype=dtype,
-                               use_cpu_initialization=True, moc_expert_backend=backend)
+                               use_cpu_initialization=True, moc_expert_backend=backend,
+                               # "triton": the mediator's fused kernels too
+                               moc_mediator_backend="triton" if backend == "triton" else "auto")
     ours = build_model(cfg)
     load_model_state(ours, convert_state_dict(ref.state_dict(), cfg), source="oracle")
     return ref, ours, cfg
