@@ -235,20 +235,26 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _blocks(d: int) -> dict:
+def _blocks(d: int, config: dict | None = None, backward: bool = False) -> dict:
     """BLOCK_D = the row rounded up to a power of two; BLOCK_T tokens so a tile holds ~2K
-    elements (memory-bound: enough loads in flight without spilling the row tiles)."""
+    elements forward, ~1K backward (more live tiles there), 16 per thread; PROGRAMS_PER_SM for
+    the backward kernels' loops. From a sweep at N 16384, K 2, D 1024 on an H100
+    (`tools/bench_mediator.py --sweep`, docs/benchmarks.md): 2.4-2.7 TB/s forward, 2.4-2.5
+    backward. `config` (benchmark sweeps) overrides."""
     block_d = triton.next_power_of_2(d)
-    block_t = max(1, min(16, 2048 // block_d))
-    return dict(BLOCK_T=block_t, BLOCK_D=block_d, num_warps=4 if block_d <= 2048 else 8)
+    block_t = max(1, (1024 if backward else 2048) // block_d)
+    cfg = dict(BLOCK_T=block_t, num_warps=max(2, min(8, block_t * block_d // 512)),
+               PROGRAMS_PER_SM=8)
+    return dict(cfg, **(config or {}), BLOCK_D=block_d)
 
 
-def _loop_programs(device: torch.device, blocks: int) -> int:
-    """Programs for the backward kernels' token-block loops (few, in the interpreter, so
-    each program loops)."""
+def _loop_programs(device: torch.device, blocks: int, cfg: dict) -> int:
+    """Programs for the backward kernels' token-block loops (pops PROGRAMS_PER_SM from cfg;
+    few programs in the interpreter, so each one loops)."""
+    per_sm = cfg.pop("PROGRAMS_PER_SM")
     if device.type != "cuda":
         return min(blocks, 3)
-    return min(blocks, 8 * torch.cuda.get_device_properties(device).multi_processor_count)
+    return min(blocks, per_sm * torch.cuda.get_device_properties(device).multi_processor_count)
 
 
 def _keep_bytes(keep_NK: torch.Tensor) -> torch.Tensor:
@@ -265,7 +271,7 @@ def _check(states_NKD: torch.Tensor, keep_NK: torch.Tensor, **nd: torch.Tensor) 
             raise ValueError(f"{name} must be [N, D] = [{n}, {d}], got {tuple(t.shape)}")
 
 
-def attend_fwd(states_NKD, keep_NK, norm_weight, qk_ND, eps: float):
+def attend_fwd(states_NKD, keep_NK, norm_weight, qk_ND, eps: float, config=None):
     """(pooled [N, D] in the states' dtype, rstd [N, K] fp32, beta [N, K] fp32)."""
     _check(states_NKD, keep_NK, qk_ND=qk_ND)
     n, k, d = states_NKD.shape
@@ -273,21 +279,22 @@ def attend_fwd(states_NKD, keep_NK, norm_weight, qk_ND, eps: float):
     pooled = torch.empty(n, d, dtype=e.dtype, device=e.device)
     rstd = torch.empty(n, k, dtype=torch.float32, device=e.device)
     beta = torch.empty(n, k, dtype=torch.float32, device=e.device)
-    cfg = _blocks(d)
+    cfg = _blocks(d, config)
+    cfg.pop("PROGRAMS_PER_SM")
     _attend_fwd_kernel[(triton.cdiv(n, cfg["BLOCK_T"]),)](
         e, _keep_bytes(keep_NK), norm_weight.contiguous(), qk_ND.contiguous(), pooled, rstd,
         beta, n, d, eps, 1.0 / math.sqrt(d), K=k, K_POW2=triton.next_power_of_2(k), **cfg)
     return pooled, rstd, beta
 
 
-def attend_bwd(dpooled_ND, states_NKD, norm_weight, qk_ND, rstd_NK, beta_NK):
+def attend_bwd(dpooled_ND, states_NKD, norm_weight, qk_ND, rstd_NK, beta_NK, config=None):
     """(d states [N, K, D], d qk [N, D], d norm_weight [D] in fp32)."""
     n, k, d = states_NKD.shape
     e = states_NKD.contiguous()
     de = torch.empty_like(e)
     dqk = torch.empty(n, d, dtype=qk_ND.dtype, device=e.device)
-    cfg = _blocks(d)
-    programs = _loop_programs(e.device, triton.cdiv(n, cfg["BLOCK_T"]))
+    cfg = _blocks(d, config, backward=True)
+    programs = _loop_programs(e.device, triton.cdiv(n, cfg["BLOCK_T"]), cfg)
     dw_part = torch.empty(programs, d, dtype=torch.float32, device=e.device)
     _attend_bwd_kernel[(programs,)](
         e, norm_weight.contiguous(), qk_ND.contiguous(), rstd_NK.contiguous(),
@@ -296,14 +303,16 @@ def attend_bwd(dpooled_ND, states_NKD, norm_weight, qk_ND, rstd_NK, beta_NK):
     return de, dqk, dw_part.sum(0)
 
 
-def feedback_fwd(states_NKD, keep_NK, feedback_ND, new_mediator_ND, activity_N, w_e, b_e, w_m):
+def feedback_fwd(states_NKD, keep_NK, feedback_ND, new_mediator_ND, activity_N, w_e, b_e, w_m,
+                 config=None):
     """(new states [N, K, D], gate [N, K] fp32). w_e, w_m: [1, D] or [D]; b_e [1]."""
     _check(states_NKD, keep_NK, feedback_ND=feedback_ND, new_mediator_ND=new_mediator_ND)
     n, k, d = states_NKD.shape
     e = states_NKD.contiguous()
     out = torch.empty_like(e)
     gate = torch.empty(n, k, dtype=torch.float32, device=e.device)
-    cfg = _blocks(d)
+    cfg = _blocks(d, config)
+    cfg.pop("PROGRAMS_PER_SM")
     _feedback_fwd_kernel[(triton.cdiv(n, cfg["BLOCK_T"]),)](
         e, _keep_bytes(keep_NK), feedback_ND.contiguous(), new_mediator_ND.contiguous(),
         activity_N.contiguous(), w_e.contiguous(), b_e.contiguous(), w_m.contiguous(), out,
@@ -311,7 +320,7 @@ def feedback_fwd(states_NKD, keep_NK, feedback_ND, new_mediator_ND, activity_N, 
     return out, gate
 
 
-def feedback_bwd(dout_NKD, states_NKD, keep_NK, feedback_ND, activity_N, w_e, gate_NK):
+def feedback_bwd(dout_NKD, states_NKD, keep_NK, feedback_ND, activity_N, w_e, gate_NK, config=None):
     """(d states, d feedback [N, D], dz [N] = Σ_k d(gate logit_k) (fp32), d activity [N]
     (fp32), d w_e [D] (fp32)). The gradients of w_m, b_e and m' follow from dz in torch."""
     n, k, d = states_NKD.shape
@@ -320,8 +329,8 @@ def feedback_bwd(dout_NKD, states_NKD, keep_NK, feedback_ND, activity_N, w_e, ga
     dfb = torch.empty(n, d, dtype=feedback_ND.dtype, device=e.device)
     dz = torch.empty(n, dtype=torch.float32, device=e.device)
     dc = torch.empty(n, dtype=torch.float32, device=e.device)
-    cfg = _blocks(d)
-    programs = _loop_programs(e.device, triton.cdiv(n, cfg["BLOCK_T"]))
+    cfg = _blocks(d, config, backward=True)
+    programs = _loop_programs(e.device, triton.cdiv(n, cfg["BLOCK_T"]), cfg)
     dwe_part = torch.empty(programs, d, dtype=torch.float32, device=e.device)
     _feedback_bwd_kernel[(programs,)](
         e, _keep_bytes(keep_NK), feedback_ND.contiguous(), activity_N.contiguous(),
