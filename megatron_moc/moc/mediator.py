@@ -13,7 +13,9 @@ every pair was dropped output x (`keep_tokens_without_pairs`). That gather and t
 on the combiners' side so that, compiled (model/compile.py), they fuse into the neighbouring
 kernels instead of costing eager passes over [N, K, D] and [N, D], forward and backward
 (1B MoE, micro 8, one H100: ~0.7 ms per layer of gathers, index_copy, products and wheres).
-Softmaxes and gates run in fp32.
+Softmaxes and gates run in fp32. A round's work over the [N, K, D] states (expert norm,
+scores, β, pooling; feedback gate and update) runs in fused Triton kernels on the GPU, or in
+their plain-torch twins (`moc_mediator_backend`, kernels/mediator_round.py).
 """
 
 import importlib.util
