@@ -142,8 +142,29 @@ def bench_mlp(shape, kind, p, rep):
     return out
 
 
-def bench_gemms(shape, p, rep):
-    """Per GEMM of the MLP, balanced routing: ours vs grouped_mm vs cuBLAS mm and bmm."""
+def graph_time(fn, calls=10, rep=100):
+    """ms per call of fn(i), i over the ROT input sets, from the replay of one CUDA graph of
+    `calls` calls (captured after a warm-up, which also autotunes): GPU time without each
+    launch's host work, as the model's graphed train step runs it."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for j in range(2):
+            fn(j % ROT)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for j in range(calls):
+            fn(j % ROT)
+    t = bench(graph.replay, rep=rep) / calls
+    del graph
+    torch.cuda.empty_cache()
+    return t
+
+
+def bench_gemms(shape, p, rep, graph=False):
+    """Per GEMM of the MLP, balanced routing: ours vs grouped_mm vs cuBLAS mm and bmm (with
+    `graph`, each also timed inside a CUDA graph: columns `<method>_graph`)."""
     e, d, f = shape
     offsets, _ = routing(p, e, "balanced")
     offs32 = offsets[1:].to(torch.int32)
@@ -198,9 +219,60 @@ def bench_gemms(shape, p, rep):
         for method, fn in fns.items():
             t = bench(lambda: fn(r.next()), rep=rep)
             row[method] = flops / t * 1e-9
+        if graph and DEV == "cuda":
+            for method in ("triton", "grouped_mm", "mm", "bmm"):
+                row[f"{method}_graph"] = flops / graph_time(fns[method], rep=rep) * 1e-9
         out.append(row)
         print(f"  gemm {shape} {name:10s} " + "  ".join(
             f"{k} {v:6.1f}" for k, v in row.items() if isinstance(v, float)), flush=True)
+    return out
+
+
+SWEEP_EXTRA = [(128, 128, 64, 8, 5), (128, 128, 64, 4, 6), (64, 256, 64, 4, 4),
+               (256, 128, 64, 8, 4), (128, 256, 32, 8, 6), (64, 128, 64, 4, 6)]
+
+
+def sweep_gemms(shape, p, rep):
+    """Forward-kernel GEMMs (W13 fwd, W2 fwd, W2 dgrad) over fixed configs (the autotuner's
+    list plus SWEEP_EXTRA, persistent or not), each in a CUDA graph; prints the best and the
+    autotuner's pick (its time in the same way)."""
+    e, d, f = shape
+    offsets, _ = routing(p, e, "balanced")
+    bf = dict(device=DEV, dtype=torch.bfloat16)
+    w13, w2 = torch.randn(e, d, 2 * f, **bf), torch.randn(e, f, d, **bf)
+    x, h, dy = [[torch.randn(p, n, **bf) for _ in range(ROT)] for n in (d, f, d)]
+    pb = 1 << (p - 1).bit_length()
+    cases = {"w13_fwd": (x, w13, 2 * f, d, False), "w2_fwd": (h, w2, d, f, False),
+             "w2_dgrad": (dy, w2, f, d, True)}
+    shapes = {tuple(c.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")) + (
+        c.num_warps, c.num_stages) for c in tma._GMM_CFG} | set(SWEEP_EXTRA)
+    out = []
+    for name, (a, w, n, k, trans) in cases.items():
+        flops = 2.0 * p * n * k
+        outs = [torch.empty(p, n, **bf) for _ in range(ROT)]
+        tuned = graph_time(lambda i: gg.launch_gmm(a[i], w, offsets, trans_w=trans), rep=rep)
+        res = []
+        for bm, bn, bk, warps, stages in sorted(shapes):
+            if stages * (bm * bk + bk * bn) * 2 > 227 * 1024:
+                continue
+            for pers in (True, False):
+                cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, PERSISTENT=pers,
+                           num_warps=warps, num_stages=stages)
+                fn = lambda i, cfg=cfg: tma.launch_gmm_tma(   # noqa: E731
+                    a[i], w, outs[i], None, offsets, None, n, k, 0, False, trans, pb, "ieee",
+                    config=cfg)
+                try:
+                    t = graph_time(fn, rep=rep)
+                except Exception as err:   # out of resources
+                    print(f"  sweep {shape} {name} {cfg}: {type(err).__name__}", flush=True)
+                    continue
+                res.append((flops / t * 1e-9, cfg))
+        res.sort(key=lambda r: -r[0])
+        row = dict(part="sweep", E=e, d=d, f=f, gemm=name, tuned=flops / tuned * 1e-9,
+                   best=res[0][0], best_cfg=res[0][1], top=[(t, c) for t, c in res[:5]])
+        print(f"  sweep {shape} {name}: autotuned {row['tuned']:.0f} TFLOP/s, best "
+              f"{row['best']:.0f} {row['best_cfg']}", flush=True)
+        out.append(row)
     return out
 
 
@@ -381,8 +453,14 @@ def table(rows):
                        f"{r['triton']:5.0f} ptr {r['triton_ptr']:5.0f} gmm {r['grouped_mm']:5.0f} mm {r['mm']:5.0f} bmm "
                        f"{r['bmm']:5.0f}  {r['triton'] / r['mm']:.2f} {r['triton'] / r['bmm']:.2f}"
                        f" {r['triton'] / r['grouped_mm']:.2f}{fused}")
+            if "triton_graph" in r:
+                out.append(f"{'':16s}{'  graph':10s} triton {r['triton_graph']:5.0f} "
+                           f"gmm {r['grouped_mm_graph']:5.0f} mm {r['mm_graph']:5.0f} bmm "
+                           f"{r['bmm_graph']:5.0f}  {r['triton_graph'] / r['mm_graph']:.2f} "
+                           f"{r['triton_graph'] / r['bmm_graph']:.2f} "
+                           f"{r['triton_graph'] / r['grouped_mm_graph']:.2f}")
     for r in rows:
-        if r["part"] in ("bf16_check", "hard_mode", "probe_hard"):
+        if r["part"] in ("bf16_check", "hard_mode", "probe_hard", "sweep"):
             out.append(json.dumps(r))
     return "\n".join(out)
 
@@ -392,6 +470,10 @@ def main(argv=None):
     ap.add_argument("--rows", type=int, default=32768)
     ap.add_argument("--quick", action="store_true", help="one shape, short repeats")
     ap.add_argument("--parts", default="check,mlp,gemm,probe,hard")
+    ap.add_argument("--graph", action="store_true",
+                    help="per-GEMM part: also time each GEMM inside a CUDA graph")
+    ap.add_argument("--gemm-shapes", default=None,
+                    help="per-GEMM part: shapes as E,d,f;E,d,f (default: all three)")
     ap.add_argument("--smoke", action="store_true",
                     help="tiny shapes on the CPU (needs TRITON_INTERPRET=1): checks the script")
     args = ap.parse_args(argv)
@@ -411,8 +493,17 @@ def main(argv=None):
             for kind in ("balanced", "zipf"):
                 rows += bench_mlp(shape, kind, args.rows, rep)
     if "gemm" in parts:
-        for shape in (GEMM_SHAPES[:1] if args.quick else GEMM_SHAPES):
-            rows += bench_gemms(shape, args.rows, rep)
+        gemm_shapes = GEMM_SHAPES[:1] if args.quick else GEMM_SHAPES
+        if args.gemm_shapes:
+            gemm_shapes = [tuple(int(v) for v in s.split(",")) for s in args.gemm_shapes.split(";")]
+        for shape in gemm_shapes:
+            rows += bench_gemms(shape, args.rows, rep, graph=args.graph)
+    if "sweep" in parts and DEV == "cuda":
+        for shape in GEMM_SHAPES[:2]:
+            try:
+                rows += sweep_gemms(shape, args.rows, rep)
+            except Exception as err:   # keep the other parts' numbers
+                print(f"  sweep {shape} failed: {type(err).__name__}: {err}", flush=True)
     if "probe" in parts:
         rows.append(probe_hard(shapes[1] if len(shapes) > 1 else shapes[0], args.rows, rep))
     if "hard" in parts:
