@@ -100,3 +100,23 @@ def test_bad_shapes_name_the_argument(device):
         mediator_round.attend_fwd(states, torch.ones(4, 2, dtype=torch.bool, device=device),
                                   torch.ones(8, device=device), torch.zeros(4, 9, device=device),
                                   1e-6)
+
+
+def test_opcheck(device):
+    """The custom ops' schemas, fake (meta) implementations and autograd registrations."""
+    from kernels import mediator_round_op as ops
+
+    gen = torch.Generator().manual_seed(3)
+    n, k, d = 6, 2, 24
+    keep = _keep(n, k, gen, device)
+    states = _states(n, k, d, keep, gen, device).requires_grad_()
+    nd = [torch.randn(n, d, generator=gen).to(device).requires_grad_() for _ in range(3)]
+    w = torch.ones(d, device=device, requires_grad=True)
+    act = torch.rand(n, generator=gen).to(device).requires_grad_()
+    w_e, w_m = [(0.1 * torch.randn(1, d, generator=gen)).to(device).requires_grad_()
+                for _ in range(2)]
+    b_e = torch.zeros(1, device=device, requires_grad=True)
+    utils = ("test_schema", "test_faketensor", "test_autograd_registration")
+    torch.library.opcheck(ops._attend_fwd, (states, keep, w, nd[0], 1e-6), test_utils=utils)
+    torch.library.opcheck(ops._feedback_fwd, (states, keep, nd[1], nd[2], act, w_e, b_e, w_m),
+                          test_utils=utils)
