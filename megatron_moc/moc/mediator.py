@@ -19,6 +19,7 @@ their plain-torch twins (`moc_mediator_backend`, kernels/mediator_round.py).
 """
 
 import importlib.util
+import os
 from dataclasses import dataclass
 
 import torch
@@ -28,9 +29,9 @@ from torch.utils.checkpoint import checkpoint
 from megatron_moc.model.norm import RMSNorm
 from megatron_moc.moc.adaptive import gate_entropy, step_activity
 from megatron_moc.moc.dispatch import DispatchPlan, combine
+from megatron_moc.moc.logits import fp32_logits
 from kernels.mediator_round import attend_reference, feedback_reference, scalar_gate
 from kernels.mediator_round_op import mediator_attend, mediator_feedback
-from megatron_moc.moc.logits import fp32_logits
 
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
 
@@ -97,6 +98,11 @@ def _use_kernels(backend: str, states_NKD: torch.Tensor) -> bool:
     if backend == "auto":
         return (states_NKD.is_cuda and _HAS_TRITON
                 and states_NKD.dtype in (torch.bfloat16, torch.float16, torch.float32))
+    if backend == "triton" and not (_HAS_TRITON and (
+            states_NKD.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")):
+        raise ValueError(f"moc_mediator_backend='triton' needs Triton and CUDA tensors (or "
+                         f"TRITON_INTERPRET=1 for tests); got {states_NKD.device} tensors, "
+                         f"Triton {'found' if _HAS_TRITON else 'missing'}. Use 'auto' or 'torch'.")
     return backend == "triton"
 
 

@@ -54,3 +54,15 @@ def test_capacity(tokens, cf, expected):
     # N·K/E·cf with K = 2, E = 4 → next power of two, at most N·K.
     cfg = tiny_config(moc_capacity_factor=cf)
     assert cfg.capacity(tokens) == expected
+
+
+def test_mediator_triton_backend_on_cpu_names_the_field(monkeypatch):
+    """moc_mediator_backend='triton' without a GPU (and no interpreter) fails naming the
+    field, before any kernel launch."""
+    from megatron_moc.moc.mediator import _use_kernels
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="moc_mediator_backend='triton'"):
+        _use_kernels("triton", torch.zeros(2, 2, 4))
+    assert not _use_kernels("auto", torch.zeros(2, 2, 4))
+    assert not _use_kernels("torch", torch.zeros(2, 2, 4))
