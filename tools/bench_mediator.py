@@ -89,7 +89,9 @@ def kernel_times(fn, top=8):
 def measure(args, backend, device, dtype, ref=None, state=None):
     torch._dynamo.reset()
     combiner = build(args, backend, dtype, device, state)
-    fn = torch.compile(rounds_fn(combiner), dynamic=False) if device == "cuda" else rounds_fn(combiner)
+    fn = rounds_fn(combiner)
+    if device == "cuda":
+        fn = torch.compile(fn, dynamic=False)
     m, s, keep, act = inputs(args, dtype, device)
     act.requires_grad_(True)
     leaves = [m.requires_grad_(True), s.requires_grad_(True)]
