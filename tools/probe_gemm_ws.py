@@ -175,8 +175,7 @@ def main():
     cases = [("w2_dgrad", 8, 768, 2048), ("w2_fwd", 8, 2048, 5632), ("w2_dgrad", 8, 2048, 5632)]
     variants = [  # (ws, flatten, subtile)
         (False, True, True), (True, False, False), (True, True, False), (True, False, True)]
-    cfgs = [(128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (128, 128, 64, 4, 4),
-            (128, 128, 64, 8, 4)]
+    cfgs = [(128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (128, 128, 64, 4, 4)]
     if args.case is not None:
         cases = [cases[args.case]]
     for name, e, d, f in cases:
