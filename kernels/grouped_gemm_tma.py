@@ -119,13 +119,12 @@ def fits_smem(configs, named_args, **kwargs):
 
 if triton is not None:
     def _configs(shapes):
-        """(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, persistent[, dev_store]); pre_hook sizes
-        the descriptors. Persistent: one program per SM looping over tiles; else one per tile.
-        dev_store: outputs stored by TMA through device-side descriptors (see the kernel)."""
+        """(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, persistent); pre_hook sizes the
+        descriptors. Persistent: one program per SM looping over tiles; else one per tile."""
         return [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
-                                   PERSISTENT=pers, DEV_STORE=dev[0] if dev else False),
+                                   PERSISTENT=pers),
                               num_warps=w, num_stages=s, pre_hook=_size_blocks)
-                for bm, bn, bk, w, s, pers, *dev in shapes]
+                for bm, bn, bk, w, s, pers in shapes]
 
     def _wgrad_configs(shapes):
         """(out rows BLOCK_K, out cols BLOCK_N, reduction chunk BLOCK_M, warps, stages)."""
@@ -151,19 +150,25 @@ if triton is not None:
         _GMM_CFG = _SWIGLU_CFG = _configs([(16, 16, 16, 4, 1, True)])
         _WGRAD_CFG = _wgrad_configs([(16, 16, 16, 4, 1)])
     else:   # Hopper; the sweep that chose these is in docs/kernels_notes.md
+        # OCC2: tiles small enough (<= ~110 KB of shared memory, 4 warps) that two programs
+        # share an SM, so one's epilogue runs under the other's main loop (short K).
+        _OCC2 = [(128, 128, 64, 4, 3, False), (128, 128, 64, 4, 2, False),
+                 (64, 256, 64, 4, 2, False)]
         _GMM_CFG = _configs([(bm, bn, bk, w, s, pers) for pers in (True, False)
                              for bm, bn, bk, w, s in
                              [(128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (128, 128, 64, 4, 4),
                               (128, 128, 64, 8, 4), (128, 128, 128, 8, 3), (256, 128, 64, 8, 3)]]
-                            + [(64, 64, 32, 4, 2, False)])   # fits fp32 (tests)
+                            + _OCC2 + [(64, 64, 32, 4, 2, False)])   # the last fits fp32
         _SWIGLU_CFG = _configs([(bm, bn, bk, w, s, pers) for pers in (True, False)
                                 for bm, bn, bk, w, s in
                                 [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 64, 64, 4, 4),
-                                 (64, 128, 64, 4, 4)]] + [(64, 64, 32, 4, 2, False)])
+                                 (64, 128, 64, 4, 4)]]
+                               + [(128, 64, 64, 4, 3, False), (64, 128, 64, 4, 3, False)]
+                               + [(64, 64, 32, 4, 2, False)])
         _WGRAD_CFG = _wgrad_configs([(128, 256, 64, 8, 3), (256, 128, 64, 8, 3),
                                      (128, 128, 64, 8, 4), (128, 128, 64, 4, 4),
                                      (128, 256, 64, 8, 4), (128, 128, 128, 8, 3),
-                                     (64, 64, 32, 4, 2)])
+                                     (128, 128, 64, 4, 3), (64, 64, 32, 4, 2)])
 
     @triton.jit
     def group_table(off_ptr, P, E, BLOCK_M: tl.constexpr, E_POW2: tl.constexpr):
@@ -204,19 +209,16 @@ if triton is not None:
                         EPILOGUE: tl.constexpr, HAS_GATHER: tl.constexpr,
                         STORE_PRE: tl.constexpr, B_TRANS: tl.constexpr, EVEN_K: tl.constexpr,
                         E_POW2: tl.constexpr, PREC: tl.constexpr, PERSISTENT: tl.constexpr,
-                        DEV_STORE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        GROUP_M: tl.constexpr):
         """C[rows_g] = A[rows_g] @ B[g], on a persistent grid or one program per tile. B is
         W[g] ([K, N] rows of the 2-D view), or W[g]^T with B_TRANS (the view's rows are then
         the N output columns). EPILOGUE 1: SwiGLU forward (W has 2N columns, gate | up;
         C = silu(gate) * up, and with STORE_PRE the pre-activation [P, 2N] goes to pre_ptr).
-        EPILOGUE 0 stores: with DEV_STORE every tile goes out by TMA through a descriptor
-        made on the device whose row bound is the tile's group end, so the copy engine drops
-        the rows past it (the next group's): no branch, either grid. Otherwise one program
-        per tile stores a tile that lies inside its group by TMA (c_desc) and a
-        group's last partial tile with masked pointer stores (a TMA store would clobber the
-        next group's rows); the persistent loop stores by pointer only (Triton 3.6's loop
-        flattening rejects that branch)."""
+        One program per tile, EPILOGUE 0 stores a tile that lies inside its group by TMA
+        (c_desc) and a group's last partial tile with masked pointer stores (a TMA store
+        would clobber the next group's rows); the persistent loop stores by pointer only
+        (Triton 3.6's loop flattening rejects the branch)."""
         starts, ends, tiles, cum = group_table(off_ptr, P, E, BLOCK_M, E_POW2)
         num_m = tl.sum(tl.where(tl.arange(0, E_POW2) < E, tiles, 0), 0)   # experts only
         num_n = tl.cdiv(N, BLOCK_N)
@@ -260,12 +262,7 @@ if triton is not None:
             rn = n0 + tl.arange(0, BLOCK_N)
             cmask = rmask[:, None] & (rn < N)[None, :]
             c_ptrs = c_ptr + rm[:, None] * stride_cm + rn[None, :]
-            if EPILOGUE == 0 and DEV_STORE:   # rows past row_end fall outside c_tile
-                c_tile = tl.make_tensor_descriptor(c_ptr, shape=[row_end.to(tl.int32), N],
-                                                   strides=[stride_cm, 1],
-                                                   block_shape=[BLOCK_M, BLOCK_N])
-                c_tile.store([row0.to(tl.int32), n0], acc.to(c_ptr.dtype.element_ty))
-            elif EPILOGUE == 0 and PERSISTENT:
+            if EPILOGUE == 0 and PERSISTENT:
                 tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=cmask)
             elif EPILOGUE == 0:
                 if row0 + BLOCK_M <= row_end:
@@ -365,23 +362,6 @@ if triton is not None:
         triton.heuristics(_even_k)(_wgrad_tma_kernel))
 
 
-def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
-    """Global scratch for descriptors made on the device (128 bytes each, per program)."""
-    return torch.empty(size, dtype=torch.int8,
-                       device="cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _scratch_allocator_set() -> None:
-    """Device-side descriptors (DEV_STORE configs) need Triton's scratch allocator. It is a
-    context variable, unset in each new thread (autograd runs backward in its own), so this
-    runs before every launch; an allocator the user set stays."""
-    from triton.runtime import _allocation
-    current = getattr(_allocation, "_allocator", None)
-    current = current.get() if hasattr(current, "get") else current   # ContextVar or not
-    if current is None or isinstance(current, getattr(_allocation, "NullAllocator", ())):
-        triton.set_allocator(_scratch)
-
-
 def _desc(t: torch.Tensor) -> "TensorDescriptor":
     """A 2-D descriptor over all of t; the block shape is set per config by the pre_hook."""
     return TensorDescriptor(t, list(t.shape), [t.stride(0), 1], [16, 16])
@@ -401,7 +381,6 @@ def launch_gmm_tma(a, w, c, pre, offsets, gather_index, n, k, epilogue, store_pr
     kernel = _swiglu_tuned if epilogue == 1 else _gmm_tuned
     if config is not None:   # a fixed config (benchmark sweeps): bypass the autotuner
         kernel = triton.heuristics(_even_k)(_gmm_tma_kernel)
-        config = {"DEV_STORE": False, **config}
         _size_blocks(dict(config, a_desc=a_desc, b_desc=b_desc, c_desc=c_desc,
                           B_TRANS=trans_w))
     programs = num_programs(a.device)
@@ -412,7 +391,6 @@ def launch_gmm_tma(a, w, c, pre, offsets, gather_index, n, k, epilogue, store_pr
 
     if zero_tail:
         _zero_rows_from_end(c, offsets, e)
-    _scratch_allocator_set()
     kernel[grid](a_desc, a, b_desc, c_desc, c, c if pre is None else pre, offsets,
                  offsets if gather_index is None else gather_index,
                  p, n, k, e, a.stride(0), c.stride(0), 0 if pre is None else pre.stride(0),

@@ -162,7 +162,7 @@ def graph_time(fn, calls=10, rep=100):
     return t
 
 
-def bench_gemms(shape, p, rep, graph=False):
+def bench_gemms(shape, p, rep, graph=False, pointer_kernels=True):
     """Per GEMM of the MLP, balanced routing: ours vs grouped_mm vs cuBLAS mm and bmm (with
     `graph`, each also timed inside a CUDA graph: columns `<method>_graph`)."""
     e, d, f = shape
@@ -214,7 +214,8 @@ def bench_gemms(shape, p, rep, graph=False):
     }
     out = []
     for name, (flops, fns) in gemms.items():
-        fns["triton_ptr"] = pointer(fns["triton"])
+        if pointer_kernels:
+            fns["triton_ptr"] = pointer(fns["triton"])
         row = dict(part="gemm", E=e, d=d, f=f, gemm=name)
         for method, fn in fns.items():
             t = bench(lambda: fn(r.next()), rep=rep)
@@ -450,7 +451,7 @@ def table(rows):
         for r in gem:
             fused = f"  fused {r['triton_swiglu']:.0f}" if "triton_swiglu" in r else ""
             out.append(f"{str((r['E'], r['d'], r['f'])):16s}{r['gemm']:10s} triton "
-                       f"{r['triton']:5.0f} ptr {r['triton_ptr']:5.0f} gmm {r['grouped_mm']:5.0f} mm {r['mm']:5.0f} bmm "
+                       f"{r['triton']:5.0f} ptr {r.get('triton_ptr', float('nan')):5.0f} gmm {r['grouped_mm']:5.0f} mm {r['mm']:5.0f} bmm "
                        f"{r['bmm']:5.0f}  {r['triton'] / r['mm']:.2f} {r['triton'] / r['bmm']:.2f}"
                        f" {r['triton'] / r['grouped_mm']:.2f}{fused}")
             if "triton_graph" in r:
@@ -472,6 +473,8 @@ def main(argv=None):
     ap.add_argument("--parts", default="check,mlp,gemm,probe,hard")
     ap.add_argument("--graph", action="store_true",
                     help="per-GEMM part: also time each GEMM inside a CUDA graph")
+    ap.add_argument("--no-pointer", action="store_true",
+                    help="per-GEMM part: skip the pointer kernels (MOC_GMM_TMA=off) column")
     ap.add_argument("--gemm-shapes", default=None,
                     help="per-GEMM part: shapes as E,d,f;E,d,f (default: all three)")
     ap.add_argument("--smoke", action="store_true",
@@ -497,7 +500,8 @@ def main(argv=None):
         if args.gemm_shapes:
             gemm_shapes = [tuple(int(v) for v in s.split(",")) for s in args.gemm_shapes.split(";")]
         for shape in gemm_shapes:
-            rows += bench_gemms(shape, args.rows, rep, graph=args.graph)
+            rows += bench_gemms(shape, args.rows, rep, graph=args.graph,
+                                pointer_kernels=not args.no_pointer)
     if "sweep" in parts and DEV == "cuda":
         for shape in GEMM_SHAPES[:2]:
             try:

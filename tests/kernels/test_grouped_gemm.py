@@ -195,14 +195,12 @@ def test_smem_pruning_keeps_configs_that_fit():
     assert fits_smem(big, {"b_ptr": fp32}, EPILOGUE=0) == big            # none fit: keep one
 
 
-@pytest.mark.parametrize("dev_store", [False, True])
 @pytest.mark.parametrize("persistent", [True, False])
 @pytest.mark.parametrize("trans_w", [False, True])
-def test_tma_kernel_both_grids(persistent, trans_w, dev_store, device, poison, monkeypatch):
+def test_tma_kernel_both_grids(persistent, trans_w, device, poison, monkeypatch):
     """The TMA kernel's two grids (persistent loop with pointer stores; one program per tile
-    with TMA stores inside a group), and both with TMA stores through device-side descriptors
-    bounded at each expert's end (DEV_STORE), give the same rows, tail zeros included: a
-    tile that overhangs its expert must not clobber the next one's rows."""
+    with TMA stores inside a group) give the same rows, tail zeros included; a tile that
+    overhangs its expert must not write the rows past it."""
     from kernels import grouped_gemm_tma
     from kernels.grouped_gemm import launch_gmm
     monkeypatch.setattr(grouped_gemm_tma, "MODE", "on")
@@ -210,7 +208,7 @@ def test_tma_kernel_both_grids(persistent, trans_w, dev_store, device, poison, m
     if trans_w:
         w = w.transpose(1, 2).contiguous()                 # [E, N, K]: y = x @ w[e]^T
     cfg = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=8, PERSISTENT=persistent,
-               DEV_STORE=dev_store, num_warps=4, num_stages=1)
+               num_warps=4, num_stages=1)
     y = launch_gmm(x, w, offsets, trans_w=trans_w, config=cfg)
     w_ref = w.transpose(1, 2) if trans_w else w
     y_r = grouped_gemm_reference(x.double(), w_ref.double(), offsets)
