@@ -150,25 +150,19 @@ if triton is not None:
         _GMM_CFG = _SWIGLU_CFG = _configs([(16, 16, 16, 4, 1, True)])
         _WGRAD_CFG = _wgrad_configs([(16, 16, 16, 4, 1)])
     else:   # Hopper; the sweep that chose these is in docs/kernels_notes.md
-        # OCC2: tiles small enough (<= ~110 KB of shared memory, 4 warps) that two programs
-        # share an SM, so one's epilogue runs under the other's main loop (short K).
-        _OCC2 = [(128, 128, 64, 4, 3, False), (128, 128, 64, 4, 2, False),
-                 (64, 256, 64, 4, 2, False)]
         _GMM_CFG = _configs([(bm, bn, bk, w, s, pers) for pers in (True, False)
                              for bm, bn, bk, w, s in
                              [(128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (128, 128, 64, 4, 4),
                               (128, 128, 64, 8, 4), (128, 128, 128, 8, 3), (256, 128, 64, 8, 3)]]
-                            + _OCC2 + [(64, 64, 32, 4, 2, False)])   # the last fits fp32
+                            + [(64, 64, 32, 4, 2, False)])   # fits fp32 (tests)
         _SWIGLU_CFG = _configs([(bm, bn, bk, w, s, pers) for pers in (True, False)
                                 for bm, bn, bk, w, s in
                                 [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 64, 64, 4, 4),
-                                 (64, 128, 64, 4, 4)]]
-                               + [(128, 64, 64, 4, 3, False), (64, 128, 64, 4, 3, False)]
-                               + [(64, 64, 32, 4, 2, False)])
+                                 (64, 128, 64, 4, 4)]] + [(64, 64, 32, 4, 2, False)])
         _WGRAD_CFG = _wgrad_configs([(128, 256, 64, 8, 3), (256, 128, 64, 8, 3),
                                      (128, 128, 64, 8, 4), (128, 128, 64, 4, 4),
                                      (128, 256, 64, 8, 4), (128, 128, 128, 8, 3),
-                                     (128, 128, 64, 4, 3), (64, 64, 32, 4, 2)])
+                                     (64, 64, 32, 4, 2)])
 
     @triton.jit
     def group_table(off_ptr, P, E, BLOCK_M: tl.constexpr, E_POW2: tl.constexpr):
