@@ -450,8 +450,10 @@ def table(rows):
                 " ratios: triton / mm, / bmm, / grouped_mm)"]
         for r in gem:
             fused = f"  fused {r['triton_swiglu']:.0f}" if "triton_swiglu" in r else ""
+            ptr = r.get("triton_ptr", float("nan"))   # nan with --no-pointer
             out.append(f"{str((r['E'], r['d'], r['f'])):16s}{r['gemm']:10s} triton "
-                       f"{r['triton']:5.0f} ptr {r.get('triton_ptr', float('nan')):5.0f} gmm {r['grouped_mm']:5.0f} mm {r['mm']:5.0f} bmm "
+                       f"{r['triton']:5.0f} ptr {ptr:5.0f} gmm {r['grouped_mm']:5.0f} "
+                       f"mm {r['mm']:5.0f} bmm "
                        f"{r['bmm']:5.0f}  {r['triton'] / r['mm']:.2f} {r['triton'] / r['bmm']:.2f}"
                        f" {r['triton'] / r['grouped_mm']:.2f}{fused}")
             if "triton_graph" in r:
