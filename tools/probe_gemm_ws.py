@@ -9,8 +9,11 @@ with the main loop, docs/kernels_notes.md):
 - device-side TMA descriptors, the output stored by TMA through a descriptor whose row bound
   is the tile's expert end (so a tile past the end cannot clobber the next expert, with no
   branch in the persistent loop), optionally in two column halves (epilogue subtiling);
-- Triton's automatic warp specialization (`tl.range(warp_specialize=True)`, Hopper pass in
-  Triton >= 3.5), on the persistent tile loop, flattened or not.
+- Triton's automatic warp specialization (`tl.range(warp_specialize=True)`, which Triton 3.6
+  runs through its Hopper pass on sm90), on the persistent tile loop, flattened or not;
+- the production kernel at fixed configs small enough for two programs per SM.
+Session 7's run (docs/benchmarks.md) found none worth taking into kernels/: this stays as the
+record of how that was measured, and the place to try the next variant.
 """
 from __future__ import annotations
 
