@@ -42,6 +42,7 @@ from __future__ import annotations
 import torch
 
 from kernels import grouped_gemm_tma as tma
+from kernels import grouped_gemm_ws as ws
 from kernels.gmm_backend import TorchPrimitives, _interpreting, resolve_backend
 from kernels.swiglu import launch_swiglu_bwd
 
@@ -294,6 +295,13 @@ def _launch(kernel, a, w, c, pre, offsets, gather_index, n, k, epilogue, store_p
     """zero_tail=False: rows [offsets[E], P) of c may be left unwritten (the TMA path skips
     them; the pointer kernels write zeros anyway)."""
     p, e = c.shape[0], w.shape[0]
+    if (epilogue == 0 and gather_index is None and config is None and ws.available(a)
+            and tma.tma_ok(a, tma.weights_2d(w), c)):
+        ws.launch_gmm_ws(a, tma.weights_2d(w), c, offsets, n, k, e, trans_w, _p_bucket(p),
+                         tma.num_programs(a.device))
+        if zero_tail:   # after the GEMM launch: its host work is then under the GEMM
+            tma.zero_rows_from_end(c, offsets, e)
+        return c
     if ((gather_index is None or tma.GATHER)
             and tma.tma_ok(a if gather_index is None else None, tma.weights_2d(w),
                            c if epilogue == 0 else None)):

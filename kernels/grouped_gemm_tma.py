@@ -383,8 +383,6 @@ def launch_gmm_tma(a, w, c, pre, offsets, gather_index, n, k, epilogue, store_pr
         tiles = (triton.cdiv(p, meta["BLOCK_M"]) + e) * triton.cdiv(n, meta["BLOCK_N"])
         return (min(programs, tiles) if meta["PERSISTENT"] else tiles,)
 
-    if zero_tail:
-        _zero_rows_from_end(c, offsets, e)
     kernel[grid](a_desc, a, b_desc, c_desc, c, c if pre is None else pre, offsets,
                  offsets if gather_index is None else gather_index,
                  p, n, k, e, a.stride(0), c.stride(0), 0 if pre is None else pre.stride(0),
@@ -392,10 +390,12 @@ def launch_gmm_tma(a, w, c, pre, offsets, gather_index, n, k, epilogue, store_pr
                  STORE_PRE=store_pre, B_TRANS=trans_w,
                  E_POW2=triton.next_power_of_2(e + 1), PREC=prec,
                  **(config or {}))
+    if zero_tail:   # after the GEMM launch: eager, its host work then runs under the GEMM
+        zero_rows_from_end(c, offsets, e)
     return c
 
 
-def _zero_rows_from_end(c: torch.Tensor, offsets: torch.Tensor, e: int) -> None:
+def zero_rows_from_end(c: torch.Tensor, offsets: torch.Tensor, e: int) -> None:
     """c[offsets[e]:] = 0 without reading offsets on the host."""
     p, n = c.shape
     bm, bn = (16, 16) if _interpreting() else (64, 128)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from kernels import grouped_gemm as gg                                         # noqa: E402
 from kernels import grouped_gemm_tma as tma                                    # noqa: E402
+from kernels import grouped_gemm_ws as ws                                      # noqa: E402
 from kernels.expert_mlp import expert_swiglu_mlp, expert_swiglu_mlp_reference  # noqa: E402
 
 SHAPES = [(8, 768, 2048), (8, 2048, 5632), (16, 2048, 2816), (64, 2048, 1408)]
@@ -68,6 +69,17 @@ def pointer(fn):
             return fn(*a)
         finally:
             tma.MODE = old
+    return run
+
+
+def tma_only(fn):
+    """fn with the warp-specialized kernel off (MOC_GMM_WS=off): the TMA kernel alone."""
+    def run(*a):
+        old, ws.MODE = ws.MODE, "off"
+        try:
+            return fn(*a)
+        finally:
+            ws.MODE = old
     return run
 
 
@@ -216,12 +228,16 @@ def bench_gemms(shape, p, rep, graph=False, pointer_kernels=True):
     for name, (flops, fns) in gemms.items():
         if pointer_kernels:
             fns["triton_ptr"] = pointer(fns["triton"])
+        if "wgrad" not in name:   # fwd / dgrad: the ping-pong kernel, when it runs here
+            fns["triton_tma"] = tma_only(fns["triton"])
         row = dict(part="gemm", E=e, d=d, f=f, gemm=name)
         for method, fn in fns.items():
             t = bench(lambda: fn(r.next()), rep=rep)
             row[method] = flops / t * 1e-9
         if graph and DEV == "cuda":
-            for method in ("triton", "grouped_mm", "mm", "bmm"):
+            for method in ("triton", "triton_tma", "grouped_mm", "mm", "bmm"):
+                if method not in fns:
+                    continue
                 row[f"{method}_graph"] = flops / graph_time(fns[method], rep=rep) * 1e-9
         out.append(row)
         print(f"  gemm {shape} {name:10s} " + "  ".join(
@@ -273,6 +289,52 @@ def sweep_gemms(shape, p, rep):
                    best=res[0][0], best_cfg=res[0][1], top=[(t, c) for t, c in res[:5]])
         print(f"  sweep {shape} {name}: autotuned {row['tuned']:.0f} TFLOP/s, best "
               f"{row['best']:.0f} {row['best_cfg']}", flush=True)
+        out.append(row)
+    return out
+
+
+WS_SWEEP = [(bm, bn, bk, st, regs) for bm, bn, bk, st in ws.CONFIGS
+            for regs in ((232, 40),)] + [(128, 128, 64, 3, (232, 40)),
+                                         (128, 128, 64, 4, (240, 24)),
+                                         (64, 256, 64, 3, (232, 40)),
+                                         (128, 128, 32, 8, (232, 40))]
+
+
+def sweep_ws(shape, p, rep):
+    """The fwd / dgrad GEMMs on the warp-specialized kernel over fixed configs (WS_SWEEP),
+    each in a CUDA graph, against its autotuned pick and the TMA kernel's."""
+    e, d, f = shape
+    offsets, _ = routing(p, e, "balanced")
+    bf = dict(device=DEV, dtype=torch.bfloat16)
+    w13, w2 = torch.randn(e, d, 2 * f, **bf), torch.randn(e, f, d, **bf)
+    x, h, dy, dgu = [[torch.randn(p, n, **bf) for _ in range(ROT)] for n in (d, f, d, 2 * f)]
+    pb = 1 << (p - 1).bit_length()
+    cases = {"w13_fwd": (x, w13, 2 * f, d, False), "w13_dgrad": (dgu, w13, d, 2 * f, True),
+             "w2_fwd": (h, w2, d, f, False), "w2_dgrad": (dy, w2, f, d, True)}
+    out = []
+    for name, (a, w, n, k, trans) in cases.items():
+        flops = 2.0 * p * n * k
+        outs = [torch.empty(p, n, **bf) for _ in range(ROT)]
+        call = lambda i: gg.launch_gmm(a[i], w, offsets, trans_w=trans)   # noqa: E731
+        tuned = flops / graph_time(call, rep=rep) * 1e-9
+        tma_t = flops / graph_time(tma_only(call), rep=rep) * 1e-9
+        w2d = tma.weights_2d(w)
+        res = []
+        for bm, bn, bk, st, regs in WS_SWEEP:
+            cfg = ws.config(bm, bn, bk, st, *regs)
+            fn = lambda i, cfg=cfg: ws.launch_gmm_ws(   # noqa: E731
+                a[i], w2d, outs[i], offsets, n, k, e, trans, pb, tma.num_programs(a[i].device),
+                cfg=cfg)
+            try:
+                res.append((flops / graph_time(fn, rep=rep) * 1e-9, (bm, bn, bk, st, regs)))
+            except Exception as err:   # out of resources
+                print(f"  ws sweep {shape} {name} {(bm, bn, bk, st, regs)}: "
+                      f"{type(err).__name__}", flush=True)
+        res.sort(key=lambda r: -r[0])
+        row = dict(part="ws_sweep", E=e, d=d, f=f, gemm=name, tuned=tuned, tma=tma_t,
+                   top=res[:6])
+        print(f"  ws sweep {shape} {name}: autotuned {tuned:.0f}, tma kernel {tma_t:.0f}, "
+              f"fixed: " + ", ".join(f"{t:.0f} {c}" for t, c in res), flush=True)
         out.append(row)
     return out
 
@@ -427,7 +489,7 @@ def probe_hard(shape, p, rep):
 def autotune_report():
     """The config each autotuner chose, per key, and the timing of every candidate."""
     lines = []
-    for mod, name in ((gg, "_gmm_plain"), (gg, "_gmm_swiglu"), (gg, "_wgrad_tuned"),
+    for mod, name in ((ws, "_ws_tuned"), (gg, "_gmm_plain"), (gg, "_gmm_swiglu"), (gg, "_wgrad_tuned"),
                       (tma, "_gmm_tuned"), (tma, "_swiglu_tuned"), (tma, "_wgrad_tuned")):
         tuner = getattr(mod, name, None)
         for key, cfg in getattr(tuner, "cache", {}).items():
@@ -456,6 +518,10 @@ def table(rows):
                        f"mm {r['mm']:5.0f} bmm "
                        f"{r['bmm']:5.0f}  {r['triton'] / r['mm']:.2f} {r['triton'] / r['bmm']:.2f}"
                        f" {r['triton'] / r['grouped_mm']:.2f}{fused}")
+            if "triton_tma" in r:
+                out.append(f"{'':16s}{'  tma':10s} {r['triton_tma']:5.0f}"
+                           + (f"  graph {r['triton_tma_graph']:5.0f}"
+                              if "triton_tma_graph" in r else ""))
             if "triton_graph" in r:
                 out.append(f"{'':16s}{'  graph':10s} triton {r['triton_graph']:5.0f} "
                            f"gmm {r['grouped_mm_graph']:5.0f} mm {r['mm_graph']:5.0f} bmm "
@@ -463,9 +529,15 @@ def table(rows):
                            f"{r['triton_graph'] / r['bmm_graph']:.2f} "
                            f"{r['triton_graph'] / r['grouped_mm_graph']:.2f}")
     for r in rows:
-        if r["part"] in ("bf16_check", "hard_mode", "probe_hard", "sweep"):
+        if r["part"] in ("bf16_check", "hard_mode", "probe_hard", "sweep", "ws_sweep"):
             out.append(json.dumps(r))
     return "\n".join(out)
+
+
+def gemm_shapes_of(args):
+    if args.gemm_shapes:
+        return [tuple(int(v) for v in s.split(",")) for s in args.gemm_shapes.split(";")]
+    return GEMM_SHAPES[:1] if args.quick else GEMM_SHAPES
 
 
 def main(argv=None):
@@ -498,10 +570,7 @@ def main(argv=None):
             for kind in ("balanced", "zipf"):
                 rows += bench_mlp(shape, kind, args.rows, rep)
     if "gemm" in parts:
-        gemm_shapes = GEMM_SHAPES[:1] if args.quick else GEMM_SHAPES
-        if args.gemm_shapes:
-            gemm_shapes = [tuple(int(v) for v in s.split(",")) for s in args.gemm_shapes.split(";")]
-        for shape in gemm_shapes:
+        for shape in gemm_shapes_of(args):
             rows += bench_gemms(shape, args.rows, rep, graph=args.graph,
                                 pointer_kernels=not args.no_pointer)
     if "sweep" in parts and DEV == "cuda":
@@ -510,6 +579,12 @@ def main(argv=None):
                 rows += sweep_gemms(shape, args.rows, rep)
             except Exception as err:   # keep the other parts' numbers
                 print(f"  sweep {shape} failed: {type(err).__name__}: {err}", flush=True)
+    if "wssweep" in parts and DEV == "cuda":
+        for shape in gemm_shapes_of(args):
+            try:
+                rows += sweep_ws(shape, args.rows, rep)
+            except Exception as err:   # keep the other parts' numbers
+                print(f"  ws sweep {shape} failed: {type(err).__name__}: {err}", flush=True)
     if "probe" in parts:
         rows.append(probe_hard(shapes[1] if len(shapes) > 1 else shapes[0], args.rows, rep))
     if "hard" in parts:

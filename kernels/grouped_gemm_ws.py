@@ -1,0 +1,269 @@
+"""Warp-specialized "ping-pong" grouped GEMM for Hopper (Gluon), forward and dgrad.
+
+The plain Triton kernel (kernels/grouped_gemm_tma.py) runs one tile at a time per SM: with a
+short K (768 at the small expert shape: a 12-step main loop) the tile's epilogue and the next
+tile's prologue sit unhidden between main loops (docs/kernels_notes.md, v10). This kernel
+splits each persistent program into three partitions, the schedule CUTLASS's sm90 ping-pong
+GEMMs use:
+
+- one producer warp issues the TMA loads of every tile of the program, in tile order, into a
+  ring of STAGES shared-memory slots (`ready` / `empty` mbarriers per slot);
+- two consumer warpgroups take the program's tiles alternately (consumer c the local tiles
+  c, c + 2, ...), each with its own accumulator, so one's epilogue (convert, store) runs
+  while the other's wgmma main loop keeps the tensor cores busy.
+
+Same contract as `launch_gmm_tma` with EPILOGUE 0 and no gather: C[rows_e] = A[rows_e] @ W[e]
+(W[e]^T with B_TRANS), rows sorted by expert, device-side int64 offsets, no host sync. The
+tile map is the TMA kernel's (GROUP_M swizzle over row tiles that never cross an expert end);
+each partition finds a tile's expert with a scalar scan of the offsets. Tiles inside their
+expert store through a TMA descriptor; an expert's last, partial tile stores with masked
+pointer stores (a TMA store would clobber the next expert's first rows).
+
+Gluon compiles for sm90 but does not run under TRITON_INTERPRET, so this kernel is tested on
+the GPU only (tests/kernels/test_grouped_gemm_ws.py), against the fp64 reference; it is used
+when `MOC_GMM_WS` allows it (kernels/grouped_gemm.py).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait)
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+except ImportError:          # Triton without Gluon (< 3.5) or no Triton: never called
+    gluon = None
+
+# "auto": on for bf16/fp16 on sm90 when Gluon is there; "on" / "off" force it.
+MODE = os.environ.get("MOC_GMM_WS", "auto")
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, STAGES): one consumer warpgroup's tile. Its fp32 accumulator
+# is BLOCK_M * BLOCK_N / 128 registers a thread, so 128 x 128 (or 64 x 256) is the largest.
+CONFIGS = [(128, 128, 64, 4), (128, 128, 64, 5), (64, 256, 64, 4), (128, 128, 128, 2)]
+_NUM_REGS = (232, 40)        # consumer 1, producer (the default partition gets the rest)
+_MAXNREG = 168               # 12 warps (3 warpgroups) x 168 x 32 <= 64K registers
+
+
+def available(a: torch.Tensor) -> bool:
+    """Whether this kernel may run on a's device and dtype."""
+    if gluon is None or MODE == "off" or a.device.type != "cuda":
+        return False
+    if a.dtype not in (torch.bfloat16, torch.float16) or torch.version.hip is not None:
+        return False
+    return torch.cuda.get_device_capability(a.device)[0] == 9
+
+
+if gluon is not None:
+    @gluon.jit
+    def _row_tiles(off_ptr, E, BLOCK_M: gl.constexpr):
+        """Row tiles over all experts: sum_e ceil(rows_e / BLOCK_M)."""
+        start = gl.load(off_ptr)
+        n = start - start
+        for e in range(E):
+            end = gl.load(off_ptr + e + 1)
+            n += (end - start + BLOCK_M - 1) // BLOCK_M
+            start = end
+        return n.to(gl.int32)
+
+    @gluon.jit
+    def _tile_of(tile, num_m, num_n, off_ptr, E, BLOCK_M: gl.constexpr,
+                 BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr):
+        """Tile index -> (expert, first row, expert's end row, first column); GROUP_M row
+        tiles share their B tiles in L2 (the TMA kernel's swizzle)."""
+        per_group = GROUP_M * num_n
+        first_m = (tile // per_group) * GROUP_M
+        size_m = gl.minimum(num_m - first_m, GROUP_M)
+        pid_m = first_m + (tile % per_group) % size_m
+        pid_n = (tile % per_group) // size_m
+        start = gl.load(off_ptr)
+        seen = start - start
+        row0 = start
+        row_end = start
+        g = pid_m - pid_m
+        for e in range(E):
+            end = gl.load(off_ptr + e + 1)
+            t = (end - start + BLOCK_M - 1) // BLOCK_M
+            hit = (pid_m >= seen) & (pid_m < seen + t)
+            row0 = gl.where(hit, start + (pid_m - seen) * BLOCK_M, row0)
+            row_end = gl.where(hit, end, row_end)
+            g = gl.where(hit, e, g)
+            seen += t
+            start = end
+        return g, row0, row_end, pid_n * BLOCK_N
+
+    @gluon.jit
+    def _load_partition(descs, bufs, bars, scal, WHICH: gl.constexpr, B_TRANS: gl.constexpr,
+                        BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
+                        GROUP_M: gl.constexpr, STAGES: gl.constexpr, INSTR_N: gl.constexpr):
+        """Producer: every tile of this program in order, k steps in order, into the ring."""
+        a_desc, b_desc, c_desc = descs
+        a_bufs, b_bufs, c_bufs = bufs
+        ready, empty = bars
+        c_ptr, off_ptr, N, K, E, stride_cm = scal
+        num_m = _row_tiles(off_ptr, E, BLOCK_M)
+        num_n = gl.cdiv(N, BLOCK_N)
+        k_tiles = gl.cdiv(K, BLOCK_K)
+        nbytes: gl.constexpr = a_desc.block_type.nbytes + b_desc.block_type.nbytes
+        it = 0
+        for tile in range(gl.program_id(0), num_m * num_n, gl.num_programs(0)):
+            g, row0, row_end, n0 = _tile_of(tile, num_m, num_n, off_ptr, E, BLOCK_M, BLOCK_N,
+                                            GROUP_M)
+            r0 = row0.to(gl.int32)
+            for kk in range(k_tiles):
+                s = it % STAGES
+                mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)
+                bar = ready.index(s)
+                mbarrier.expect(bar, nbytes)
+                k0 = kk * BLOCK_K
+                tma.async_copy_global_to_shared(a_desc, [r0, k0], bar, a_bufs.index(s))
+                if B_TRANS:   # the weights' 2-D view is [E*N, K]
+                    tma.async_copy_global_to_shared(b_desc, [g * N + n0, k0], bar,
+                                                    b_bufs.index(s))
+                else:         # [E*K, N]
+                    tma.async_copy_global_to_shared(b_desc, [g * K + k0, n0], bar,
+                                                    b_bufs.index(s))
+                it += 1
+
+    @gluon.jit
+    def _mma_partition(descs, bufs, bars, scal, WHICH: gl.constexpr, B_TRANS: gl.constexpr,
+                       BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
+                       GROUP_M: gl.constexpr, STAGES: gl.constexpr, INSTR_N: gl.constexpr):
+        """Consumer WHICH (0 or 1): the program's local tiles WHICH, WHICH + 2, ...; wgmma
+        over the ring slots the producer filled, then the epilogue for its own tile."""
+        a_desc, b_desc, c_desc = descs
+        a_bufs, b_bufs, c_bufs = bufs
+        ready, empty = bars
+        c_ptr, off_ptr, N, K, E, stride_cm = scal
+        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, INSTR_N, 16])
+        num_m = _row_tiles(off_ptr, E, BLOCK_M)
+        num_n = gl.cdiv(N, BLOCK_N)
+        k_tiles = gl.cdiv(K, BLOCK_K)
+        nprog = gl.num_programs(0)
+        c_smem = c_bufs.index(WHICH)
+        local = WHICH
+        for tile in range(gl.program_id(0) + WHICH * nprog, num_m * num_n, 2 * nprog):
+            g, row0, row_end, n0 = _tile_of(tile, num_m, num_n, off_ptr, E, BLOCK_M, BLOCK_N,
+                                            GROUP_M)
+            it = local * k_tiles          # the ring position of this tile's first k step
+            acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, acc_layout)
+            for kk in range(k_tiles):
+                s = it % STAGES
+                mbarrier.wait(ready.index(s), (it // STAGES) & 1)
+                if B_TRANS:
+                    b = b_bufs.index(s).permute((1, 0))
+                else:
+                    b = b_bufs.index(s)
+                acc = warpgroup_mma(a_bufs.index(s), b, acc, is_async=True)
+                # one wgmma in flight: the previous step's slot is read, hand it back
+                acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+                mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES), pred=kk > 0)
+                it += 1
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+            mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES))
+            out = acc.to(c_desc.dtype)
+            if row0 + BLOCK_M <= row_end:
+                tma.store_wait(0)         # this consumer's last store has left c_smem
+                c_smem.store(out)
+                fence_async_shared()
+                tma.async_copy_shared_to_global(c_desc, [row0.to(gl.int32), n0], c_smem)
+            else:                         # the expert's last tile: masked, by pointer
+                rm = row0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, acc_layout))
+                rn = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, acc_layout))
+                mask = (rm < row_end)[:, None] & (rn < N)[None, :]
+                gl.store(c_ptr + rm[:, None] * stride_cm + rn[None, :], out, mask=mask)
+            local += 2
+        tma.store_wait(0)
+
+    @gluon.jit
+    def _gmm_ws_kernel(a_desc, b_desc, c_desc, c_ptr, off_ptr, N, K, E, stride_cm, P_BUCKET,
+                       B_TRANS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                       BLOCK_K: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr,
+                       INSTR_N: gl.constexpr, MMA_REGS: gl.constexpr, LOAD_REGS: gl.constexpr):
+        a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BLOCK_M, BLOCK_K],
+                                           a_desc.layout)
+        b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES] + b_desc.block_type.shape,
+                                           b_desc.layout)
+        c_bufs = gl.allocate_shared_memory(c_desc.dtype, [2, BLOCK_M, BLOCK_N], c_desc.layout)
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for s in gl.static_range(STAGES):
+            mbarrier.init(ready.index(s), count=1)
+            mbarrier.init(empty.index(s), count=1)
+        descs = (a_desc, b_desc, c_desc)
+        bufs = (a_bufs, b_bufs, c_bufs)
+        bars = (ready, empty)
+        scal = (c_ptr, off_ptr, N, K, E, stride_cm)
+        gl.warp_specialize([
+            (_mma_partition, (descs, bufs, bars, scal, 0, B_TRANS, BLOCK_M, BLOCK_N, BLOCK_K,
+                              GROUP_M, STAGES, INSTR_N)),
+            (_mma_partition, (descs, bufs, bars, scal, 1, B_TRANS, BLOCK_M, BLOCK_N, BLOCK_K,
+                              GROUP_M, STAGES, INSTR_N)),
+            (_load_partition, (descs, bufs, bars, scal, 0, B_TRANS, BLOCK_M, BLOCK_N, BLOCK_K,
+                               GROUP_M, STAGES, INSTR_N)),
+        ], [4, 1], [MMA_REGS, LOAD_REGS])
+
+
+_GL_DTYPE = {}
+
+
+def _gl_dtype(t: torch.dtype):
+    if not _GL_DTYPE:
+        _GL_DTYPE.update({torch.bfloat16: gl.bfloat16, torch.float16: gl.float16})
+    return _GL_DTYPE[t]
+
+
+def _desc(t: torch.Tensor) -> "TensorDescriptor":
+    """A 2-D descriptor over all of t; block shape and smem layout are set per config."""
+    block = [64, 64]
+    return TensorDescriptor(t, list(t.shape), [t.stride(0), 1], block,
+                            gl.NVMMASharedLayout.get_default_for(block, _gl_dtype(t.dtype)))
+
+
+def _set_block(desc, block):
+    desc.block_shape = list(block)
+    desc.layout = gl.NVMMASharedLayout.get_default_for(list(block), _gl_dtype(desc.base.dtype))
+
+
+def _size_blocks(nargs):
+    bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
+    _set_block(nargs["a_desc"], (bm, bk))
+    _set_block(nargs["b_desc"], (bn, bk) if nargs["B_TRANS"] else (bk, bn))
+    _set_block(nargs["c_desc"], (bm, bn))
+
+
+def config(bm, bn, bk, stages, mma_regs=_NUM_REGS[0], load_regs=_NUM_REGS[1]):
+    """A triton.Config of this kernel (also for fixed-config benchmark sweeps)."""
+    return triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, STAGES=stages,
+                              INSTR_N=min(bn, 256), MMA_REGS=mma_regs, LOAD_REGS=load_regs),
+                         num_warps=4, maxnreg=_MAXNREG, pre_hook=_size_blocks)
+
+
+if gluon is not None:
+    _ws_tuned = triton.autotune([config(*c) for c in CONFIGS],
+                                key=["N", "K", "P_BUCKET", "B_TRANS"])(_gmm_ws_kernel)
+
+
+def launch_gmm_ws(a, w2, c, offsets, n, k, e, trans_w, p_bucket, num_programs, cfg=None):
+    """c[rows_e] = a[rows_e] @ W[e] (W[e]^T with trans_w) for the experts' rows; w2 is the
+    weights' 2-D view ([E*K, N], or [E*N, K] with trans_w). The tail [offsets[E], P) of c is
+    not written. cfg: a fixed `config(...)` instead of the autotuner (sweeps)."""
+    a_desc, b_desc, c_desc = _desc(a), _desc(w2), _desc(c)
+    p = c.shape[0]
+
+    def grid(meta):   # persistent: at most one program per SM
+        tiles = (triton.cdiv(p, meta["BLOCK_M"]) + e) * triton.cdiv(n, meta["BLOCK_N"])
+        return (min(num_programs, tiles),)
+
+    kernel, extra = _ws_tuned, {}
+    if cfg is not None:
+        kernel, extra = _gmm_ws_kernel, dict(cfg.all_kwargs())
+        _size_blocks(dict(extra, a_desc=a_desc, b_desc=b_desc, c_desc=c_desc, B_TRANS=trans_w))
+    kernel[grid](a_desc, b_desc, c_desc, c, offsets, n, k, e, c.stride(0), p_bucket,
+                 B_TRANS=trans_w, **extra)
+    return c

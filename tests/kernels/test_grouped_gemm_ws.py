@@ -1,0 +1,94 @@
+"""The warp-specialized Hopper GEMM (kernels/grouped_gemm_ws.py) against a float64 reference.
+
+Gluon kernels do not run in the CPU interpreter, so these tests need an sm90 GPU. bf16 in,
+fp32 accumulation, bf16 out: the bar is bf16 rounding (relative error 1e-2 on the whole
+output). Every fixed config of the autotune list runs, so a config that deadlocks or reads
+the ring out of phase fails here, not inside the autotuner."""
+import pytest
+import torch
+
+from kernels import grouped_gemm_tma as tma
+from kernels import grouped_gemm_ws as ws
+from kernels.grouped_gemm import launch_gmm
+
+# (E, K, N, rows per expert, zero-tail rows): empty experts, one expert with every row,
+# sizes that are not tile multiples, a K tail, an N tail, and a zero tail.
+CASES = [
+    (4, 192, 320, [130, 0, 333, 257], 0),
+    (3, 128, 256, [0, 700, 0], 0),
+    (5, 200, 136, [70, 0, 0, 416, 1], 77),
+    (8, 768, 4096, [512] * 8, 0),
+    (2, 64, 128, [0, 0], 40),
+]
+
+
+def _usable():
+    return (torch.cuda.is_available() and ws.gluon is not None
+            and torch.cuda.get_device_capability()[0] == 9)
+
+
+def make(e, k, n, counts, tail, trans, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    p = sum(counts) + tail
+    offsets = torch.zeros(e + 1, dtype=torch.int64, device="cuda")
+    offsets[1:] = torch.tensor(counts, device="cuda").cumsum(0)
+    x = torch.randn(p, k, device="cuda", generator=g).bfloat16()
+    shape = (e, n, k) if trans else (e, k, n)
+    w = (torch.randn(shape, device="cuda", generator=g) / k ** 0.5).bfloat16()
+    return x, w, offsets
+
+
+def reference(x, w, offsets, trans):
+    y = torch.zeros(x.shape[0], w.shape[1] if trans else w.shape[2], dtype=torch.float64,
+                    device=x.device)
+    bounds = offsets.tolist()
+    for i in range(w.shape[0]):
+        lo, hi = bounds[i], bounds[i + 1]
+        we = w[i].double()
+        y[lo:hi] = x[lo:hi].double() @ (we.t() if trans else we)
+    return y
+
+
+def rel(a, b):
+    return ((a.double() - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _usable(), reason="needs an sm90 GPU and Gluon")
+@pytest.mark.parametrize("cfg", ws.CONFIGS, ids=str)
+@pytest.mark.parametrize("trans", [False, True])
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_ws_kernel_matches_reference(case, trans, cfg):
+    x, w, offsets = make(*case, trans)
+    n = w.shape[1] if trans else w.shape[2]
+    c = torch.full((x.shape[0], n), float("nan"), dtype=torch.bfloat16, device="cuda")
+    ws.launch_gmm_ws(x, tma.weights_2d(w), c, offsets, n, x.shape[1], w.shape[0], trans,
+                     1 << max(x.shape[0] - 1, 0).bit_length(), tma.num_programs(x.device),
+                     cfg=ws.config(*cfg))
+    end = int(offsets[-1])
+    assert not c[:end].isnan().any()             # every expert row written
+    assert c[end:].isnan().all()                 # the tail left alone (no overhang)
+    y_r = reference(x, w, offsets, trans)
+    if end:
+        assert rel(c[:end], y_r[:end]) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _usable(), reason="needs an sm90 GPU and Gluon")
+@pytest.mark.parametrize("trans", [False, True])
+def test_launch_gmm_takes_ws_path_and_zeroes_tail(trans, monkeypatch):
+    calls = []
+    real = ws.launch_gmm_ws
+    monkeypatch.setattr(ws, "launch_gmm_ws", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x, w, offsets = make(*CASES[2], trans)
+    y = launch_gmm(x, w, offsets, trans_w=trans)
+    end = int(offsets[-1])
+    assert calls and (y[end:] == 0).all()
+    assert rel(y[:end], reference(x, w, offsets, trans)[:end]) < 1e-2
+
+
+def test_ws_off_on_cpu_and_fp32():
+    """The dispatch never offers this kernel where it cannot run."""
+    assert not ws.available(torch.zeros(2, 2, dtype=torch.bfloat16))
+    if torch.cuda.is_available():
+        assert not ws.available(torch.zeros(2, 2, device="cuda"))
