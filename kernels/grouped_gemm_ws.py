@@ -99,11 +99,12 @@ if gluon is not None:
     @gluon.jit
     def _load_partition(descs, bufs, bars, scal, WHICH: gl.constexpr, B_TRANS: gl.constexpr,
                         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
-                        GROUP_M: gl.constexpr, STAGES: gl.constexpr, INSTR_N: gl.constexpr):
+                        GROUP_M: gl.constexpr, STAGES: gl.constexpr, INSTR_N: gl.constexpr,
+                        CONSUMERS: gl.constexpr):
         """Producer: every tile of this program in order, k steps in order, into the ring."""
         a_desc, b_desc, c_desc = descs
         a_bufs, b_bufs, c_bufs = bufs
-        ready, empty = bars
+        ready, empty, turn = bars
         c_ptr, off_ptr, N, K, E, stride_cm = scal
         num_m = _row_tiles(off_ptr, E, BLOCK_M)
         num_n = gl.cdiv(N, BLOCK_N)
@@ -132,12 +133,13 @@ if gluon is not None:
     @gluon.jit
     def _mma_partition(descs, bufs, bars, scal, WHICH: gl.constexpr, B_TRANS: gl.constexpr,
                        BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
-                       GROUP_M: gl.constexpr, STAGES: gl.constexpr, INSTR_N: gl.constexpr):
+                       GROUP_M: gl.constexpr, STAGES: gl.constexpr, INSTR_N: gl.constexpr,
+                       CONSUMERS: gl.constexpr):
         """Consumer WHICH (0 or 1): the program's local tiles WHICH, WHICH + 2, ...; wgmma
         over the ring slots the producer filled, then the epilogue for its own tile."""
         a_desc, b_desc, c_desc = descs
         a_bufs, b_bufs, c_bufs = bufs
-        ready, empty = bars
+        ready, empty, turn = bars
         c_ptr, off_ptr, N, K, E, stride_cm = scal
         acc_layout: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, INSTR_N, 16])
@@ -147,10 +149,16 @@ if gluon is not None:
         nprog = gl.num_programs(0)
         c_smem = c_bufs.index(WHICH)
         local = WHICH
-        for tile in range(gl.program_id(0) + WHICH * nprog, num_m * num_n, 2 * nprog):
+        for tile in range(gl.program_id(0) + WHICH * nprog, num_m * num_n, CONSUMERS * nprog):
             g, row0, row_end, n0 = _tile_of(tile, num_m, num_n, off_ptr, E, BLOCK_M, BLOCK_N,
                                             GROUP_M)
             it = local * k_tiles          # the ring position of this tile's first k step
+            if CONSUMERS == 2:
+                # Main loops strictly alternate between the consumers (CUTLASS's "order
+                # barrier"). Besides the schedule this keeps the ring's parity waits sound:
+                # a consumer only waits on a slot whose previous use the other one has
+                # already taken, so it never sees a phase two uses old as "ready".
+                mbarrier.wait(turn.index(WHICH), ((local // 2) & 1) ^ (1 - WHICH))
             acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, acc_layout)
             for kk in range(k_tiles):
                 s = it % STAGES
@@ -164,6 +172,8 @@ if gluon is not None:
                 acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
                 mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES), pred=kk > 0)
                 it += 1
+            if CONSUMERS == 2:            # the other consumer's main loop may start
+                mbarrier.arrive(turn.index(1 - WHICH))
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
             mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES))
             out = acc.to(c_desc.dtype)
@@ -177,14 +187,15 @@ if gluon is not None:
                 rn = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, acc_layout))
                 mask = (rm < row_end)[:, None] & (rn < N)[None, :]
                 gl.store(c_ptr + rm[:, None] * stride_cm + rn[None, :], out, mask=mask)
-            local += 2
+            local += CONSUMERS
         tma.store_wait(0)
 
     @gluon.jit
     def _gmm_ws_kernel(a_desc, b_desc, c_desc, c_ptr, off_ptr, N, K, E, stride_cm, P_BUCKET,
                        B_TRANS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                        BLOCK_K: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr,
-                       INSTR_N: gl.constexpr, MMA_REGS: gl.constexpr, LOAD_REGS: gl.constexpr):
+                       INSTR_N: gl.constexpr, MMA_REGS: gl.constexpr, LOAD_REGS: gl.constexpr,
+                       CONSUMERS: gl.constexpr):
         a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BLOCK_M, BLOCK_K],
                                            a_desc.layout)
         b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES] + b_desc.block_type.shape,
@@ -192,21 +203,32 @@ if gluon is not None:
         c_bufs = gl.allocate_shared_memory(c_desc.dtype, [2, BLOCK_M, BLOCK_N], c_desc.layout)
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         for s in gl.static_range(STAGES):
             mbarrier.init(ready.index(s), count=1)
             mbarrier.init(empty.index(s), count=1)
+        for c in gl.static_range(2):
+            mbarrier.init(turn.index(c), count=1)
         descs = (a_desc, b_desc, c_desc)
         bufs = (a_bufs, b_bufs, c_bufs)
-        bars = (ready, empty)
+        bars = (ready, empty, turn)
         scal = (c_ptr, off_ptr, N, K, E, stride_cm)
-        gl.warp_specialize([
-            (_mma_partition, (descs, bufs, bars, scal, 0, B_TRANS, BLOCK_M, BLOCK_N, BLOCK_K,
-                              GROUP_M, STAGES, INSTR_N)),
-            (_mma_partition, (descs, bufs, bars, scal, 1, B_TRANS, BLOCK_M, BLOCK_N, BLOCK_K,
-                              GROUP_M, STAGES, INSTR_N)),
-            (_load_partition, (descs, bufs, bars, scal, 0, B_TRANS, BLOCK_M, BLOCK_N, BLOCK_K,
-                               GROUP_M, STAGES, INSTR_N)),
-        ], [4, 1], [MMA_REGS, LOAD_REGS])
+        if CONSUMERS == 2:
+            gl.warp_specialize([
+                (_mma_partition, (descs, bufs, bars, scal, 0, B_TRANS, BLOCK_M, BLOCK_N, BLOCK_K,
+                                  GROUP_M, STAGES, INSTR_N, CONSUMERS)),
+                (_mma_partition, (descs, bufs, bars, scal, 1, B_TRANS, BLOCK_M, BLOCK_N, BLOCK_K,
+                                  GROUP_M, STAGES, INSTR_N, CONSUMERS)),
+                (_load_partition, (descs, bufs, bars, scal, 0, B_TRANS, BLOCK_M, BLOCK_N,
+                                   BLOCK_K, GROUP_M, STAGES, INSTR_N, CONSUMERS)),
+            ], [4, 1], [MMA_REGS, LOAD_REGS])
+        else:   # one consumer: producer / consumer only (no ping-pong)
+            gl.warp_specialize([
+                (_mma_partition, (descs, bufs, bars, scal, 0, B_TRANS, BLOCK_M, BLOCK_N, BLOCK_K,
+                                  GROUP_M, STAGES, INSTR_N, CONSUMERS)),
+                (_load_partition, (descs, bufs, bars, scal, 0, B_TRANS, BLOCK_M, BLOCK_N,
+                                   BLOCK_K, GROUP_M, STAGES, INSTR_N, CONSUMERS)),
+            ], [1], [LOAD_REGS])
 
 
 _GL_DTYPE = {}
@@ -237,11 +259,13 @@ def _size_blocks(nargs):
     _set_block(nargs["c_desc"], (bm, bn))
 
 
-def config(bm, bn, bk, stages, mma_regs=_NUM_REGS[0], load_regs=_NUM_REGS[1]):
+def config(bm, bn, bk, stages, mma_regs=_NUM_REGS[0], load_regs=_NUM_REGS[1], consumers=2):
     """A triton.Config of this kernel (also for fixed-config benchmark sweeps)."""
     return triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, STAGES=stages,
-                              INSTR_N=min(bn, 256), MMA_REGS=mma_regs, LOAD_REGS=load_regs),
-                         num_warps=4, maxnreg=_MAXNREG, pre_hook=_size_blocks)
+                              INSTR_N=min(bn, 256), MMA_REGS=mma_regs, LOAD_REGS=load_regs,
+                              CONSUMERS=consumers),
+                         num_warps=4, maxnreg=_MAXNREG if consumers == 2 else None,
+                         pre_hook=_size_blocks)
 
 
 if gluon is not None:

@@ -293,11 +293,10 @@ def sweep_gemms(shape, p, rep):
     return out
 
 
-WS_SWEEP = [(bm, bn, bk, st, regs) for bm, bn, bk, st in ws.CONFIGS
-            for regs in ((232, 40),)] + [(128, 128, 64, 3, (232, 40)),
-                                         (128, 128, 64, 4, (240, 24)),
-                                         (64, 256, 64, 3, (232, 40)),
-                                         (128, 128, 32, 8, (232, 40))]
+WS_SWEEP = ([(bm, bn, bk, st, (232, 40), 2) for bm, bn, bk, st in ws.CONFIGS]
+            + [(128, 128, 64, 3, (232, 40), 2), (128, 128, 64, 4, (240, 24), 2),
+               (64, 256, 64, 3, (232, 40), 2), (128, 128, 32, 8, (232, 40), 2),
+               (128, 128, 64, 4, (232, 40), 1)])   # last: one consumer (no ping-pong)
 
 
 def sweep_ws(shape, p, rep):
@@ -320,15 +319,15 @@ def sweep_ws(shape, p, rep):
         tma_t = flops / graph_time(tma_only(call), rep=rep) * 1e-9
         w2d = tma.weights_2d(w)
         res = []
-        for bm, bn, bk, st, regs in WS_SWEEP:
-            cfg = ws.config(bm, bn, bk, st, *regs)
+        for bm, bn, bk, st, regs, cons in WS_SWEEP:
+            cfg = ws.config(bm, bn, bk, st, *regs, consumers=cons)
             fn = lambda i, cfg=cfg: ws.launch_gmm_ws(   # noqa: E731
                 a[i], w2d, outs[i], offsets, n, k, e, trans, pb, tma.num_programs(a[i].device),
                 cfg=cfg)
             try:
-                res.append((flops / graph_time(fn, rep=rep) * 1e-9, (bm, bn, bk, st, regs)))
+                res.append((flops / graph_time(fn, rep=rep) * 1e-9, (bm, bn, bk, st, regs, cons)))
             except Exception as err:   # out of resources
-                print(f"  ws sweep {shape} {name} {(bm, bn, bk, st, regs)}: "
+                print(f"  ws sweep {shape} {name} {(bm, bn, bk, st, regs, cons)}: "
                       f"{type(err).__name__}", flush=True)
         res.sort(key=lambda r: -r[0])
         row = dict(part="ws_sweep", E=e, d=d, f=f, gemm=name, tuned=tuned, tma=tma_t,
