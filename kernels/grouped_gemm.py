@@ -295,10 +295,20 @@ def _launch(kernel, a, w, c, pre, offsets, gather_index, n, k, epilogue, store_p
     """zero_tail=False: rows [offsets[E], P) of c may be left unwritten (the TMA path skips
     them; the pointer kernels write zeros anyway)."""
     p, e = c.shape[0], w.shape[0]
-    if (epilogue == 0 and gather_index is None and config is None and ws.available(a)
+    if (gather_index is None and config is None and ws.available(a)
             and tma.tma_ok(a, tma.weights_2d(w), c)):
-        ws.launch_gmm_ws(a, tma.weights_2d(w), c, offsets, n, k, e, trans_w, _p_bucket(p),
-                         tma.num_programs(a.device))
+        def run_ws():
+            return ws.launch_gmm_ws(a, tma.weights_2d(w), c, offsets, n, k, e, trans_w,
+                                    _p_bucket(p), tma.num_programs(a.device), pre=pre,
+                                    epilogue=epilogue, store_pre=store_pre)
+
+        def run_tma():
+            return tma.launch_gmm_tma(a, w, c, pre, offsets, None, n, k, epilogue, store_pre,
+                                      trans_w, _p_bucket(p), _prec(a.dtype), None,
+                                      zero_tail=False)
+
+        key = (n, k, _p_bucket(p), trans_w, epilogue, store_pre, a.dtype, a.device)
+        (run_ws if ws.choose(key, run_ws, run_tma) else run_tma)()
         if zero_tail:   # after the GEMM launch: its host work is then under the GEMM
             tma.zero_rows_from_end(c, offsets, e)
         return c

@@ -39,12 +39,20 @@ try:
 except ImportError:          # Triton without Gluon (< 3.5) or no Triton: never called
     gluon = None
 
-# "auto": on for bf16/fp16 on sm90 when Gluon is there; "on" / "off" force it.
+# "auto": on bf16/fp16 sm90 GPUs with Gluon, each GEMM shape takes whichever of this kernel
+# and the TMA kernel times faster on its first call (`choose`); "on": this kernel wherever it
+# can run; "off": never.
 MODE = os.environ.get("MOC_GMM_WS", "auto")
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, STAGES): one consumer warpgroup's tile. Its fp32 accumulator
-# is BLOCK_M * BLOCK_N / 128 registers a thread, so 128 x 128 (or 64 x 256) is the largest.
-CONFIGS = [(128, 128, 64, 4), (128, 128, 64, 5), (64, 256, 64, 4), (128, 128, 128, 2)]
+# (BLOCK_M, BLOCK_N, BLOCK_K, STAGES, consumers): one consumer warpgroup's tile. Its fp32
+# accumulator is BLOCK_M * BLOCK_N / 128 registers a thread, so 128 x 128 (or 64 x 256) is
+# the largest. consumers=1 is plain producer / consumer (no ping-pong): it won W13 dgrad
+# (8, 768, 2048) in the session 8 sweep (docs/benchmarks.md), the two-consumer tiles the rest.
+CONFIGS = [(128, 128, 64, 4, 2), (128, 128, 64, 5, 2), (64, 256, 64, 4, 2), (128, 128, 32, 8, 2),
+           (128, 128, 64, 4, 1)]
+# SwiGLU forward: gate and up accumulators of BLOCK_N columns each (2 x 64 registers).
+SWIGLU_CONFIGS = [(128, 64, 64, 4, 2), (128, 64, 64, 6, 2), (64, 128, 64, 4, 2),
+                  (128, 64, 64, 4, 1)]
 _NUM_REGS = (232, 40)        # consumer 1, producer (the default partition gets the rest)
 _MAXNREG = 168               # 12 warps (3 warpgroups) x 168 x 32 <= 64K registers
 
@@ -98,18 +106,19 @@ if gluon is not None:
 
     @gluon.jit
     def _load_partition(descs, bufs, bars, scal, WHICH: gl.constexpr, B_TRANS: gl.constexpr,
-                        BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
-                        GROUP_M: gl.constexpr, STAGES: gl.constexpr, INSTR_N: gl.constexpr,
-                        CONSUMERS: gl.constexpr):
+                        EPILOGUE: gl.constexpr, STORE_PRE: gl.constexpr, BLOCK_M: gl.constexpr,
+                        BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, GROUP_M: gl.constexpr,
+                        STAGES: gl.constexpr, CONSUMERS: gl.constexpr):
         """Producer: every tile of this program in order, k steps in order, into the ring."""
         a_desc, b_desc, c_desc = descs
         a_bufs, b_bufs, c_bufs = bufs
         ready, empty, turn = bars
-        c_ptr, off_ptr, N, K, E, stride_cm = scal
+        c_ptr, pre_ptr, off_ptr, N, K, E, stride_cm, stride_pm = scal
         num_m = _row_tiles(off_ptr, E, BLOCK_M)
         num_n = gl.cdiv(N, BLOCK_N)
         k_tiles = gl.cdiv(K, BLOCK_K)
-        nbytes: gl.constexpr = a_desc.block_type.nbytes + b_desc.block_type.nbytes
+        nbytes: gl.constexpr = (a_desc.block_type.nbytes
+                                + b_desc.block_type.nbytes * (2 if EPILOGUE == 1 else 1))
         it = 0
         for tile in range(gl.program_id(0), num_m * num_n, gl.num_programs(0)):
             g, row0, row_end, n0 = _tile_of(tile, num_m, num_n, off_ptr, E, BLOCK_M, BLOCK_N,
@@ -122,27 +131,34 @@ if gluon is not None:
                 mbarrier.expect(bar, nbytes)
                 k0 = kk * BLOCK_K
                 tma.async_copy_global_to_shared(a_desc, [r0, k0], bar, a_bufs.index(s))
-                if B_TRANS:   # the weights' 2-D view is [E*N, K]
+                if EPILOGUE == 1:   # W13 as [E*K, 2N]: the gate tile, then the up tile
+                    tma.async_copy_global_to_shared(b_desc, [g * K + k0, n0], bar,
+                                                    b_bufs.index(2 * s))
+                    tma.async_copy_global_to_shared(b_desc, [g * K + k0, n0 + N], bar,
+                                                    b_bufs.index(2 * s + 1))
+                elif B_TRANS:       # the weights' 2-D view is [E*N, K]
                     tma.async_copy_global_to_shared(b_desc, [g * N + n0, k0], bar,
                                                     b_bufs.index(s))
-                else:         # [E*K, N]
+                else:               # [E*K, N]
                     tma.async_copy_global_to_shared(b_desc, [g * K + k0, n0], bar,
                                                     b_bufs.index(s))
                 it += 1
 
     @gluon.jit
     def _mma_partition(descs, bufs, bars, scal, WHICH: gl.constexpr, B_TRANS: gl.constexpr,
-                       BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
-                       GROUP_M: gl.constexpr, STAGES: gl.constexpr, INSTR_N: gl.constexpr,
-                       CONSUMERS: gl.constexpr):
+                       EPILOGUE: gl.constexpr, STORE_PRE: gl.constexpr, BLOCK_M: gl.constexpr,
+                       BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, GROUP_M: gl.constexpr,
+                       STAGES: gl.constexpr, CONSUMERS: gl.constexpr):
         """Consumer WHICH (0 or 1): the program's local tiles WHICH, WHICH + 2, ...; wgmma
-        over the ring slots the producer filled, then the epilogue for its own tile."""
+        over the ring slots the producer filled, then the epilogue for its own tile.
+        EPILOGUE 1 (SwiGLU): two accumulators, gate and up columns of the same tile; the
+        epilogue writes h = silu(gate) * up and, with STORE_PRE, the pre-activation."""
         a_desc, b_desc, c_desc = descs
         a_bufs, b_bufs, c_bufs = bufs
         ready, empty, turn = bars
-        c_ptr, off_ptr, N, K, E, stride_cm = scal
+        c_ptr, pre_ptr, off_ptr, N, K, E, stride_cm, stride_pm = scal
         acc_layout: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, INSTR_N, 16])
+            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
         num_m = _row_tiles(off_ptr, E, BLOCK_M)
         num_n = gl.cdiv(N, BLOCK_N)
         k_tiles = gl.cdiv(K, BLOCK_K)
@@ -160,29 +176,54 @@ if gluon is not None:
                 # already taken, so it never sees a phase two uses old as "ready".
                 mbarrier.wait(turn.index(WHICH), ((local // 2) & 1) ^ (1 - WHICH))
             acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, acc_layout)
+            if EPILOGUE == 1:
+                acc_up = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, acc_layout)
             for kk in range(k_tiles):
                 s = it % STAGES
                 mbarrier.wait(ready.index(s), (it // STAGES) & 1)
-                if B_TRANS:
-                    b = b_bufs.index(s).permute((1, 0))
+                # one step's wgmmas in flight: when the previous step's have finished, its
+                # slot is read and goes back to the producer
+                if EPILOGUE == 1:
+                    acc = warpgroup_mma(a_bufs.index(s), b_bufs.index(2 * s), acc,
+                                        is_async=True)
+                    acc_up = warpgroup_mma(a_bufs.index(s), b_bufs.index(2 * s + 1), acc_up,
+                                           is_async=True)
+                    acc, acc_up = warpgroup_mma_wait(num_outstanding=2, deps=(acc, acc_up))
                 else:
-                    b = b_bufs.index(s)
-                acc = warpgroup_mma(a_bufs.index(s), b, acc, is_async=True)
-                # one wgmma in flight: the previous step's slot is read, hand it back
-                acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+                    if B_TRANS:
+                        b = b_bufs.index(s).permute((1, 0))
+                    else:
+                        b = b_bufs.index(s)
+                    acc = warpgroup_mma(a_bufs.index(s), b, acc, is_async=True)
+                    acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
                 mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES), pred=kk > 0)
                 it += 1
             if CONSUMERS == 2:            # the other consumer's main loop may start
                 mbarrier.arrive(turn.index(1 - WHICH))
-            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+            if EPILOGUE == 1:
+                acc, acc_up = warpgroup_mma_wait(num_outstanding=0, deps=(acc, acc_up))
+            else:
+                acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
             mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES))
-            out = acc.to(c_desc.dtype)
-            if row0 + BLOCK_M <= row_end:
+            if EPILOGUE == 1:             # pointer stores, masked at the expert's end
+                rm = row0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, acc_layout))
+                rn = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, acc_layout))
+                mask = (rm < row_end)[:, None] & (rn < N)[None, :]
+                if STORE_PRE:
+                    p_ptrs = pre_ptr + rm[:, None] * stride_pm + rn[None, :]
+                    gl.store(p_ptrs, acc.to(c_desc.dtype), mask=mask)
+                    gl.store(p_ptrs + N, acc_up.to(c_desc.dtype), mask=mask)
+                h = acc / (1.0 + gl.exp(-acc)) * acc_up
+                gl.store(c_ptr + rm[:, None] * stride_cm + rn[None, :], h.to(c_desc.dtype),
+                         mask=mask)
+            elif row0 + BLOCK_M <= row_end:
+                out = acc.to(c_desc.dtype)
                 tma.store_wait(0)         # this consumer's last store has left c_smem
                 c_smem.store(out)
                 fence_async_shared()
                 tma.async_copy_shared_to_global(c_desc, [row0.to(gl.int32), n0], c_smem)
             else:                         # the expert's last tile: masked, by pointer
+                out = acc.to(c_desc.dtype)
                 rm = row0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, acc_layout))
                 rn = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, acc_layout))
                 mask = (rm < row_end)[:, None] & (rn < N)[None, :]
@@ -191,14 +232,19 @@ if gluon is not None:
         tma.store_wait(0)
 
     @gluon.jit
-    def _gmm_ws_kernel(a_desc, b_desc, c_desc, c_ptr, off_ptr, N, K, E, stride_cm, P_BUCKET,
-                       B_TRANS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+    def _gmm_ws_kernel(a_desc, b_desc, c_desc, c_ptr, pre_ptr, off_ptr, N, K, E, stride_cm,
+                       stride_pm, P_BUCKET, B_TRANS: gl.constexpr, EPILOGUE: gl.constexpr,
+                       STORE_PRE: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                        BLOCK_K: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr,
-                       INSTR_N: gl.constexpr, MMA_REGS: gl.constexpr, LOAD_REGS: gl.constexpr,
+                       MMA_REGS: gl.constexpr, LOAD_REGS: gl.constexpr,
                        CONSUMERS: gl.constexpr):
+        """C[rows_g] = A[rows_g] @ B[g] (see the module docstring); EPILOGUE 1: SwiGLU, W has
+        2N columns (gate | up), C = silu(gate) * up, pre [P, 2N] with STORE_PRE."""
+        B_PER_STAGE: gl.constexpr = 2 if EPILOGUE == 1 else 1
         a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BLOCK_M, BLOCK_K],
                                            a_desc.layout)
-        b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES] + b_desc.block_type.shape,
+        b_bufs = gl.allocate_shared_memory(b_desc.dtype,
+                                           [STAGES * B_PER_STAGE] + b_desc.block_type.shape,
                                            b_desc.layout)
         c_bufs = gl.allocate_shared_memory(c_desc.dtype, [2, BLOCK_M, BLOCK_N], c_desc.layout)
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -212,22 +258,22 @@ if gluon is not None:
         descs = (a_desc, b_desc, c_desc)
         bufs = (a_bufs, b_bufs, c_bufs)
         bars = (ready, empty, turn)
-        scal = (c_ptr, off_ptr, N, K, E, stride_cm)
+        scal = (c_ptr, pre_ptr, off_ptr, N, K, E, stride_cm, stride_pm)
         if CONSUMERS == 2:
             gl.warp_specialize([
-                (_mma_partition, (descs, bufs, bars, scal, 0, B_TRANS, BLOCK_M, BLOCK_N, BLOCK_K,
-                                  GROUP_M, STAGES, INSTR_N, CONSUMERS)),
-                (_mma_partition, (descs, bufs, bars, scal, 1, B_TRANS, BLOCK_M, BLOCK_N, BLOCK_K,
-                                  GROUP_M, STAGES, INSTR_N, CONSUMERS)),
-                (_load_partition, (descs, bufs, bars, scal, 0, B_TRANS, BLOCK_M, BLOCK_N,
-                                   BLOCK_K, GROUP_M, STAGES, INSTR_N, CONSUMERS)),
+                (_mma_partition, (descs, bufs, bars, scal, 0, B_TRANS, EPILOGUE, STORE_PRE,
+                                  BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, STAGES, CONSUMERS)),
+                (_mma_partition, (descs, bufs, bars, scal, 1, B_TRANS, EPILOGUE, STORE_PRE,
+                                  BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, STAGES, CONSUMERS)),
+                (_load_partition, (descs, bufs, bars, scal, 0, B_TRANS, EPILOGUE, STORE_PRE,
+                                   BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, STAGES, CONSUMERS)),
             ], [4, 1], [MMA_REGS, LOAD_REGS])
         else:   # one consumer: producer / consumer only (no ping-pong)
             gl.warp_specialize([
-                (_mma_partition, (descs, bufs, bars, scal, 0, B_TRANS, BLOCK_M, BLOCK_N, BLOCK_K,
-                                  GROUP_M, STAGES, INSTR_N, CONSUMERS)),
-                (_load_partition, (descs, bufs, bars, scal, 0, B_TRANS, BLOCK_M, BLOCK_N,
-                                   BLOCK_K, GROUP_M, STAGES, INSTR_N, CONSUMERS)),
+                (_mma_partition, (descs, bufs, bars, scal, 0, B_TRANS, EPILOGUE, STORE_PRE,
+                                  BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, STAGES, CONSUMERS)),
+                (_load_partition, (descs, bufs, bars, scal, 0, B_TRANS, EPILOGUE, STORE_PRE,
+                                   BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, STAGES, CONSUMERS)),
             ], [1], [LOAD_REGS])
 
 
@@ -259,24 +305,29 @@ def _size_blocks(nargs):
     _set_block(nargs["c_desc"], (bm, bn))
 
 
-def config(bm, bn, bk, stages, mma_regs=_NUM_REGS[0], load_regs=_NUM_REGS[1], consumers=2):
+def config(bm, bn, bk, stages, consumers=2, mma_regs=_NUM_REGS[0], load_regs=_NUM_REGS[1]):
     """A triton.Config of this kernel (also for fixed-config benchmark sweeps)."""
     return triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, STAGES=stages,
-                              INSTR_N=min(bn, 256), MMA_REGS=mma_regs, LOAD_REGS=load_regs,
-                              CONSUMERS=consumers),
+                              MMA_REGS=mma_regs, LOAD_REGS=load_regs, CONSUMERS=consumers),
                          num_warps=4, maxnreg=_MAXNREG if consumers == 2 else None,
                          pre_hook=_size_blocks)
 
 
 if gluon is not None:
     _ws_tuned = triton.autotune([config(*c) for c in CONFIGS],
-                                key=["N", "K", "P_BUCKET", "B_TRANS"])(_gmm_ws_kernel)
+                                key=["N", "K", "P_BUCKET", "B_TRANS", "EPILOGUE"])(_gmm_ws_kernel)
+    _ws_swiglu_tuned = triton.autotune([config(*c) for c in SWIGLU_CONFIGS],
+                                       key=["N", "K", "P_BUCKET", "EPILOGUE", "STORE_PRE"])(
+        _gmm_ws_kernel)
 
 
-def launch_gmm_ws(a, w2, c, offsets, n, k, e, trans_w, p_bucket, num_programs, cfg=None):
+def launch_gmm_ws(a, w2, c, offsets, n, k, e, trans_w, p_bucket, num_programs, cfg=None,
+                  pre=None, epilogue=0, store_pre=False):
     """c[rows_e] = a[rows_e] @ W[e] (W[e]^T with trans_w) for the experts' rows; w2 is the
-    weights' 2-D view ([E*K, N], or [E*N, K] with trans_w). The tail [offsets[E], P) of c is
-    not written. cfg: a fixed `config(...)` instead of the autotuner (sweeps)."""
+    weights' 2-D view ([E*K, N], or [E*N, K] with trans_w). epilogue 1: SwiGLU (w2 [E*K, 2N];
+    c = silu(gate) * up, pre [P, 2N] the pre-activation when store_pre). The tails
+    [offsets[E], P) of c and pre are not written. cfg: a fixed `config(...)` instead of the
+    autotuner (sweeps, tests)."""
     a_desc, b_desc, c_desc = _desc(a), _desc(w2), _desc(c)
     p = c.shape[0]
 
@@ -284,10 +335,33 @@ def launch_gmm_ws(a, w2, c, offsets, n, k, e, trans_w, p_bucket, num_programs, c
         tiles = (triton.cdiv(p, meta["BLOCK_M"]) + e) * triton.cdiv(n, meta["BLOCK_N"])
         return (min(num_programs, tiles),)
 
-    kernel, extra = _ws_tuned, {}
+    kernel, extra = (_ws_swiglu_tuned if epilogue == 1 else _ws_tuned), {}
     if cfg is not None:
         kernel, extra = _gmm_ws_kernel, dict(cfg.all_kwargs())
         _size_blocks(dict(extra, a_desc=a_desc, b_desc=b_desc, c_desc=c_desc, B_TRANS=trans_w))
-    kernel[grid](a_desc, b_desc, c_desc, c, offsets, n, k, e, c.stride(0), p_bucket,
-                 B_TRANS=trans_w, **extra)
+    kernel[grid](a_desc, b_desc, c_desc, c, c if pre is None else pre, offsets, n, k, e,
+                 c.stride(0), 0 if pre is None else pre.stride(0), p_bucket, B_TRANS=trans_w,
+                 EPILOGUE=epilogue, STORE_PRE=store_pre, **extra)
     return c
+
+
+_CHOICE: dict[tuple, bool] = {}
+
+
+def choose(key, run_ws, run_tma) -> bool:
+    """Whether GEMMs of this key (shape bucket, dtype, device) run on this kernel: "on" /
+    "off" decide outright; "auto" times both kernels once (each autotuned first, CUDA-event
+    medians with the L2 flushed) and keeps the faster. Neither kernel wins everywhere: at the
+    session 8 shapes this one wins short-K GEMMs (its epilogue overlaps the other consumer's
+    main loop), the TMA kernel's 128 x 256 tiles the long-K ones. During CUDA-graph capture
+    an untimed key takes the TMA kernel (timing cannot run there)."""
+    if MODE != "auto":
+        return MODE == "on"
+    if key not in _CHOICE:
+        if torch.cuda.is_current_stream_capturing():
+            return False
+        from triton.testing import do_bench
+        t_ws = do_bench(run_ws, warmup=10, rep=40, return_mode="median")
+        t_tma = do_bench(run_tma, warmup=10, rep=40, return_mode="median")
+        _CHOICE[key] = t_ws < t_tma
+    return _CHOICE[key]

@@ -31,6 +31,7 @@ from kernels.expert_mlp import expert_swiglu_mlp, expert_swiglu_mlp_reference  #
 SHAPES = [(8, 768, 2048), (8, 2048, 5632), (16, 2048, 2816), (64, 2048, 1408)]
 GEMM_SHAPES = [(8, 2048, 5632), (8, 768, 2048), (8, 1024, 3200)]   # the last: moe_1b's experts
 ROT = 3   # input sets to rotate through
+NO_POINTER = False   # --no-pointer: skip the pointer-kernel columns
 DEV = "cuda"   # --smoke: "cpu" (with TRITON_INTERPRET=1), to check the script, not to time
 
 
@@ -114,17 +115,20 @@ def mlp_fns(e, d, f, p, offsets, counts, dtype=torch.bfloat16):
         return torch.cat([swiglu(x[lo:hi] @ w13[i]) @ w2[i]
                           for i, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:]))])
 
-    return {
-        "triton": (lambda x: expert_swiglu_mlp(x, w13, w2, offsets, backend="triton"),
-                   [w13, w2]),
-        "triton_ptr": (pointer(lambda x: expert_swiglu_mlp(x, w13, w2, offsets,
-                                                           backend="triton")), [w13, w2]),
+    ours = lambda x: expert_swiglu_mlp(x, w13, w2, offsets, backend="triton")   # noqa: E731
+    fns = {
+        "triton": (ours, [w13, w2]),
+        "triton_tma": (tma_only(ours), [w13, w2]),   # without the warp-specialized kernel
+        "triton_ptr": (pointer(ours), [w13, w2]),
         "triton_unfused": (unfused, [w13, w2]),
         "grouped_mm": (lambda x: F.grouped_mm(swiglu(F.grouped_mm(x, w13, offs=offs32)), w2,
                                               offs=offs32), [w13, w2]),
         "loop": (loop, [w13, w2]),
         "dense": (lambda x: swiglu(x @ w13_d) @ w2_d, [w13_d, w2_d]),
     }
+    if NO_POINTER:
+        del fns["triton_ptr"]
+    return fns
 
 
 def bench_mlp(shape, kind, p, rep):
@@ -136,7 +140,7 @@ def bench_mlp(shape, kind, p, rep):
     rot = Rot(list(zip(xs, dys)))
     flops = 6.0 * p * d * f
     out = []
-    for name, (fn, ws) in mlp_fns(e, d, f, p, offsets, counts).items():
+    for name, (fn, weights) in mlp_fns(e, d, f, p, offsets, counts).items():
         def fwd():
             fn(rot.next()[0])
 
@@ -145,7 +149,7 @@ def bench_mlp(shape, kind, p, rep):
             fn(x).backward(dy)
 
         t_f = bench(fwd, rep=rep)
-        t_fb = bench(fwd_bwd, grad_to_none=xs + ws, rep=rep)
+        t_fb = bench(fwd_bwd, grad_to_none=xs + weights, rep=rep)
         out.append(dict(part="mlp", E=e, d=d, f=f, routing=kind, method=name,
                         fwd_ms=t_f, fwd_tflops=flops / t_f * 1e-9,
                         fwdbwd_ms=t_fb, fwdbwd_tflops=3 * flops / t_fb * 1e-9))
@@ -230,6 +234,8 @@ def bench_gemms(shape, p, rep, graph=False, pointer_kernels=True):
             fns["triton_ptr"] = pointer(fns["triton"])
         if "wgrad" not in name:   # fwd / dgrad: the ping-pong kernel, when it runs here
             fns["triton_tma"] = tma_only(fns["triton"])
+        if "triton_swiglu" in fns:
+            fns["triton_swiglu_tma"] = tma_only(fns["triton_swiglu"])
         row = dict(part="gemm", E=e, d=d, f=f, gemm=name)
         for method, fn in fns.items():
             t = bench(lambda: fn(r.next()), rep=rep)
@@ -293,10 +299,9 @@ def sweep_gemms(shape, p, rep):
     return out
 
 
-WS_SWEEP = ([(bm, bn, bk, st, (232, 40), 2) for bm, bn, bk, st in ws.CONFIGS]
-            + [(128, 128, 64, 3, (232, 40), 2), (128, 128, 64, 4, (240, 24), 2),
-               (64, 256, 64, 3, (232, 40), 2), (128, 128, 32, 8, (232, 40), 2),
-               (128, 128, 64, 4, (232, 40), 1)])   # last: one consumer (no ping-pong)
+WS_SWEEP = ([c + ((232, 40),) for c in ws.CONFIGS]
+            + [(128, 128, 64, 4, 2, (240, 24)), (128, 128, 64, 5, 1, (232, 40)),
+               (128, 128, 32, 8, 1, (232, 40))])
 
 
 def sweep_ws(shape, p, rep):
@@ -319,8 +324,8 @@ def sweep_ws(shape, p, rep):
         tma_t = flops / graph_time(tma_only(call), rep=rep) * 1e-9
         w2d = tma.weights_2d(w)
         res = []
-        for bm, bn, bk, st, regs, cons in WS_SWEEP:
-            cfg = ws.config(bm, bn, bk, st, *regs, consumers=cons)
+        for bm, bn, bk, st, cons, regs in WS_SWEEP:
+            cfg = ws.config(bm, bn, bk, st, cons, *regs)
             fn = lambda i, cfg=cfg: ws.launch_gmm_ws(   # noqa: E731
                 a[i], w2d, outs[i], offsets, n, k, e, trans, pb, tma.num_programs(a[i].device),
                 cfg=cfg)
@@ -510,7 +515,8 @@ def table(rows):
         out += ["", "per GEMM, balanced, TFLOP/s (triton = TMA kernels, ptr = pointer kernels;"
                 " ratios: triton / mm, / bmm, / grouped_mm)"]
         for r in gem:
-            fused = f"  fused {r['triton_swiglu']:.0f}" if "triton_swiglu" in r else ""
+            fused = (f"  fused {r['triton_swiglu']:.0f} (tma {r['triton_swiglu_tma']:.0f})"
+                     if "triton_swiglu" in r else "")
             ptr = r.get("triton_ptr", float("nan"))   # nan with --no-pointer
             out.append(f"{str((r['E'], r['d'], r['f'])):16s}{r['gemm']:10s} triton "
                        f"{r['triton']:5.0f} ptr {ptr:5.0f} gmm {r['grouped_mm']:5.0f} "
@@ -550,14 +556,19 @@ def main(argv=None):
                     help="per-GEMM part: skip the pointer kernels (MOC_GMM_TMA=off) column")
     ap.add_argument("--gemm-shapes", default=None,
                     help="per-GEMM part: shapes as E,d,f;E,d,f (default: all three)")
+    ap.add_argument("--shapes", default=None,
+                    help="MLP / hard-mode parts: shapes as E,d,f;E,d,f (default: all four)")
     ap.add_argument("--smoke", action="store_true",
                     help="tiny shapes on the CPU (needs TRITON_INTERPRET=1): checks the script")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
-    global DEV, SHAPES, GEMM_SHAPES
+    global DEV, SHAPES, GEMM_SHAPES, NO_POINTER
+    NO_POINTER = args.no_pointer
     if args.smoke:
         DEV, SHAPES, GEMM_SHAPES, args.rows = "cpu", [(4, 64, 96)], [(4, 64, 96)], 256
     shapes = SHAPES[1:2] if args.quick else SHAPES
+    if args.shapes:
+        shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes.split(";")]
     rep = 30 if args.quick else 100
     parts, rows = args.parts.split(","), []
     device = torch.cuda.get_device_name() if DEV == "cuda" else "cpu"

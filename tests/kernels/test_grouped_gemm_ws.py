@@ -65,6 +65,7 @@ def test_ws_kernel_matches_reference(case, trans, cfg):
     ws.launch_gmm_ws(x, tma.weights_2d(w), c, offsets, n, x.shape[1], w.shape[0], trans,
                      1 << max(x.shape[0] - 1, 0).bit_length(), tma.num_programs(x.device),
                      cfg=ws.config(*cfg))
+    torch.cuda.synchronize()
     end = int(offsets[-1])
     assert not c[:end].isnan().any()             # every expert row written
     assert c[end:].isnan().all()                 # the tail left alone (no overhang)
@@ -75,8 +76,34 @@ def test_ws_kernel_matches_reference(case, trans, cfg):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _usable(), reason="needs an sm90 GPU and Gluon")
+@pytest.mark.parametrize("cfg", ws.SWIGLU_CONFIGS, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_ws_swiglu_matches_reference(case, cfg):
+    e, k, n2, counts, tail = case
+    f = n2 // 2
+    x, w13, offsets = make(e, k, 2 * f, counts, tail, False)
+    p = x.shape[0]
+    h = torch.full((p, f), float("nan"), dtype=torch.bfloat16, device="cuda")
+    pre = torch.full((p, 2 * f), float("nan"), dtype=torch.bfloat16, device="cuda")
+    ws.launch_gmm_ws(x, tma.weights_2d(w13), h, offsets, f, k, e, False,
+                     1 << max(p - 1, 0).bit_length(), tma.num_programs(x.device),
+                     cfg=ws.config(*cfg), pre=pre, epilogue=1, store_pre=True)
+    torch.cuda.synchronize()
+    end = int(offsets[-1])
+    assert not h[:end].isnan().any() and not pre[:end].isnan().any()
+    assert h[end:].isnan().all() and pre[end:].isnan().all()
+    pre_r = reference(x, w13, offsets, False)
+    g, u = pre_r[:, :f], pre_r[:, f:]
+    h_r = g * torch.sigmoid(g) * u
+    if end:
+        assert rel(pre[:end], pre_r[:end]) < 1e-2 and rel(h[:end], h_r[:end]) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _usable(), reason="needs an sm90 GPU and Gluon")
 @pytest.mark.parametrize("trans", [False, True])
 def test_launch_gmm_takes_ws_path_and_zeroes_tail(trans, monkeypatch):
+    monkeypatch.setattr(ws, "MODE", "on")
     calls = []
     real = ws.launch_gmm_ws
     monkeypatch.setattr(ws, "launch_gmm_ws", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -92,3 +119,19 @@ def test_ws_off_on_cpu_and_fp32():
     assert not ws.available(torch.zeros(2, 2, dtype=torch.bfloat16))
     if torch.cuda.is_available():
         assert not ws.available(torch.zeros(2, 2, device="cuda"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _usable(), reason="needs an sm90 GPU and Gluon")
+def test_auto_mode_times_once_per_key(monkeypatch):
+    """"auto" times both Hopper kernels on a key's first call, then keeps its choice."""
+    monkeypatch.setattr(ws, "MODE", "auto")
+    monkeypatch.setattr(ws, "_CHOICE", {})
+    x, w, offsets = make(*CASES[0], False)
+    y1 = launch_gmm(x, w, offsets)
+    assert len(ws._CHOICE) == 1
+    y2 = launch_gmm(x, w, offsets)
+    assert len(ws._CHOICE) == 1
+    end = int(offsets[-1])
+    ref = reference(x, w, offsets, False)[:end]
+    assert rel(y1[:end], ref) < 1e-2 and rel(y2[:end], ref) < 1e-2
