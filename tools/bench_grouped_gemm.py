@@ -131,7 +131,10 @@ def mlp_fns(e, d, f, p, offsets, counts, dtype=torch.bfloat16):
     return fns
 
 
-def bench_mlp(shape, kind, p, rep):
+def bench_mlp(shape, kind, p, rep, rounds=1, methods=None):
+    """Each method's forward and forward + backward; with rounds > 1 every method is timed
+    that many times, the order reversed on odd rounds (clock and thermal drift then falls
+    on both sides of a comparison); the table takes each method's median."""
     e, d, f = shape
     offsets, counts = routing(p, e, kind)
     xs = [torch.randn(p, d, device=DEV, dtype=torch.bfloat16).requires_grad_()
@@ -140,22 +143,32 @@ def bench_mlp(shape, kind, p, rep):
     rot = Rot(list(zip(xs, dys)))
     flops = 6.0 * p * d * f
     out = []
-    for name, (fn, weights) in mlp_fns(e, d, f, p, offsets, counts).items():
-        def fwd():
-            fn(rot.next()[0])
-
-        def fwd_bwd():
-            x, dy = rot.next()
-            fn(x).backward(dy)
-
-        t_f = bench(fwd, rep=rep)
-        t_fb = bench(fwd_bwd, grad_to_none=xs + weights, rep=rep)
-        out.append(dict(part="mlp", E=e, d=d, f=f, routing=kind, method=name,
-                        fwd_ms=t_f, fwd_tflops=flops / t_f * 1e-9,
-                        fwdbwd_ms=t_fb, fwdbwd_tflops=3 * flops / t_fb * 1e-9))
-        print(f"  mlp {shape} {kind:8s} {name:15s} fwd {out[-1]['fwd_tflops']:6.1f}  "
-              f"fwd+bwd {out[-1]['fwdbwd_tflops']:6.1f} TFLOP/s", flush=True)
+    fns = mlp_fns(e, d, f, p, offsets, counts)
+    order = [m for m in fns if methods is None or m in methods]
+    for rnd in range(rounds):
+        for name in (order if rnd % 2 == 0 else order[::-1]):
+            out.append(_time_mlp(shape, kind, name, *fns[name], rot, xs, flops, rep, rnd))
     return out
+
+
+def _time_mlp(shape, kind, name, fn, weights, rot, xs, flops, rep, rnd):
+    e, d, f = shape
+
+    def fwd():
+        fn(rot.next()[0])
+
+    def fwd_bwd():
+        x, dy = rot.next()
+        fn(x).backward(dy)
+
+    t_f = bench(fwd, rep=rep)
+    t_fb = bench(fwd_bwd, grad_to_none=xs + weights, rep=rep)
+    row = dict(part="mlp", E=e, d=d, f=f, routing=kind, method=name, round=rnd,
+               fwd_ms=t_f, fwd_tflops=flops / t_f * 1e-9,
+               fwdbwd_ms=t_fb, fwdbwd_tflops=3 * flops / t_fb * 1e-9)
+    print(f"  mlp {shape} {kind:8s} {name:15s} fwd {row['fwd_tflops']:6.1f}  "
+          f"fwd+bwd {row['fwdbwd_tflops']:6.1f} TFLOP/s  (round {rnd})", flush=True)
+    return row
 
 
 def graph_time(fn, calls=10, rep=100):
@@ -507,9 +520,13 @@ def table(rows):
     methods = list(dict.fromkeys(r["method"] for r in mlp))
     out.append(f"{'E,d,f':16s}{'routing':9s}" + "".join(f"{m:>18s}" for m in methods))
     for key in dict.fromkeys((r["E"], r["d"], r["f"], r["routing"]) for r in mlp):
-        cells = {r["method"]: r for r in mlp if (r["E"], r["d"], r["f"], r["routing"]) == key}
+        def median(m, col):
+            vals = sorted(r[col] for r in mlp if r["method"] == m
+                          and (r["E"], r["d"], r["f"], r["routing"]) == key)
+            return vals[len(vals) // 2] if vals else float("nan")
         out.append(f"{str(key[:3]):16s}{key[3]:9s}" + "".join(
-            f"{cells[m]['fwd_tflops']:8.0f} |{cells[m]['fwdbwd_tflops']:6.0f}  " for m in methods))
+            f"{median(m, 'fwd_tflops'):8.0f} |{median(m, 'fwdbwd_tflops'):6.0f}  "
+            for m in methods))
     gem = [r for r in rows if r["part"] == "gemm"]
     if gem:
         out += ["", "per GEMM, balanced, TFLOP/s (triton = TMA kernels, ptr = pointer kernels;"
@@ -556,6 +573,11 @@ def main(argv=None):
                     help="per-GEMM part: skip the pointer kernels (MOC_GMM_TMA=off) column")
     ap.add_argument("--gemm-shapes", default=None,
                     help="per-GEMM part: shapes as E,d,f;E,d,f (default: all three)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="MLP part: time every method this many times (order reversed on odd "
+                         "rounds); the table shows medians")
+    ap.add_argument("--mlp-methods", default=None,
+                    help="MLP part: comma-separated subset of the methods")
     ap.add_argument("--shapes", default=None,
                     help="MLP / hard-mode parts: shapes as E,d,f;E,d,f (default: all four)")
     ap.add_argument("--smoke", action="store_true",
@@ -578,7 +600,8 @@ def main(argv=None):
     if "mlp" in parts:
         for shape in shapes:
             for kind in ("balanced", "zipf"):
-                rows += bench_mlp(shape, kind, args.rows, rep)
+                rows += bench_mlp(shape, kind, args.rows, rep, args.rounds,
+                                  args.mlp_methods.split(",") if args.mlp_methods else None)
     if "gemm" in parts:
         for shape in gemm_shapes_of(args):
             rows += bench_gemms(shape, args.rows, rep, graph=args.graph,
