@@ -36,6 +36,9 @@ try:
     from triton.experimental.gluon.language.nvidia.hopper import (
         fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait)
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    # Triton 3.7+ renamed the TMA copies (the old names raise); 3.6 has only the old ones.
+    _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+    _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
 except ImportError:          # Triton without Gluon (< 3.5) or no Triton: never called
     gluon = None
 
@@ -130,17 +133,17 @@ if gluon is not None:
                 bar = ready.index(s)
                 mbarrier.expect(bar, nbytes)
                 k0 = kk * BLOCK_K
-                tma.async_copy_global_to_shared(a_desc, [r0, k0], bar, a_bufs.index(s))
+                _tma_load(a_desc, [r0, k0], bar, a_bufs.index(s))
                 if EPILOGUE == 1:   # W13 as [E*K, 2N]: the gate tile, then the up tile
-                    tma.async_copy_global_to_shared(b_desc, [g * K + k0, n0], bar,
+                    _tma_load(b_desc, [g * K + k0, n0], bar,
                                                     b_bufs.index(2 * s))
-                    tma.async_copy_global_to_shared(b_desc, [g * K + k0, n0 + N], bar,
+                    _tma_load(b_desc, [g * K + k0, n0 + N], bar,
                                                     b_bufs.index(2 * s + 1))
                 elif B_TRANS:       # the weights' 2-D view is [E*N, K]
-                    tma.async_copy_global_to_shared(b_desc, [g * N + n0, k0], bar,
+                    _tma_load(b_desc, [g * N + n0, k0], bar,
                                                     b_bufs.index(s))
                 else:               # [E*K, N]
-                    tma.async_copy_global_to_shared(b_desc, [g * K + k0, n0], bar,
+                    _tma_load(b_desc, [g * K + k0, n0], bar,
                                                     b_bufs.index(s))
                 it += 1
 
@@ -221,7 +224,7 @@ if gluon is not None:
                 tma.store_wait(0)         # this consumer's last store has left c_smem
                 c_smem.store(out)
                 fence_async_shared()
-                tma.async_copy_shared_to_global(c_desc, [row0.to(gl.int32), n0], c_smem)
+                _tma_store(c_desc, [row0.to(gl.int32), n0], c_smem)
             else:                         # the expert's last tile: masked, by pointer
                 out = acc.to(c_desc.dtype)
                 rm = row0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, acc_layout))

@@ -135,3 +135,21 @@ def test_auto_mode_times_once_per_key(monkeypatch):
     end = int(offsets[-1])
     ref = reference(x, w, offsets, False)[:end]
     assert rel(y1[:end], ref) < 1e-2 and rel(y2[:end], ref) < 1e-2
+
+
+def test_ws_kernel_compiles_for_sm90_without_a_gpu(tmp_path):
+    """tools/compile_sm90.py compiles the Gluon kernel down to an sm90 cubin on this machine
+    (no GPU needed) and fails on a compile error, a register spill or too much shared
+    memory: a Triton upgrade that breaks the Gluon code fails here, in CI."""
+    import os
+    import subprocess
+    import sys
+    if ws.gluon is None:
+        pytest.skip("this Triton has no Gluon")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)   # a cached cubin would hide a source change
+    root = os.path.join(os.path.dirname(__file__), "..", "..")
+    r = subprocess.run([sys.executable, os.path.join(root, "tools", "compile_sm90.py")],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr[-3000:]
+    assert r.stdout.count("spill bytes 0") == 5, r.stdout
