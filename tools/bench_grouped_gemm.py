@@ -264,98 +264,6 @@ def bench_gemms(shape, p, rep, graph=False, pointer_kernels=True):
     return out
 
 
-SWEEP_EXTRA = [(128, 128, 64, 8, 5), (128, 128, 64, 4, 6), (64, 256, 64, 4, 4),
-               (256, 128, 64, 8, 4), (128, 256, 32, 8, 6), (64, 128, 64, 4, 6)]
-
-
-def sweep_gemms(shape, p, rep):
-    """Forward-kernel GEMMs (W13 fwd, W2 fwd, W2 dgrad) over fixed configs (the autotuner's
-    list plus SWEEP_EXTRA, persistent or not), each in a CUDA graph; prints the best and the
-    autotuner's pick (its time in the same way)."""
-    e, d, f = shape
-    offsets, _ = routing(p, e, "balanced")
-    bf = dict(device=DEV, dtype=torch.bfloat16)
-    w13, w2 = torch.randn(e, d, 2 * f, **bf), torch.randn(e, f, d, **bf)
-    x, h, dy = [[torch.randn(p, n, **bf) for _ in range(ROT)] for n in (d, f, d)]
-    pb = 1 << (p - 1).bit_length()
-    cases = {"w13_fwd": (x, w13, 2 * f, d, False), "w2_fwd": (h, w2, d, f, False),
-             "w2_dgrad": (dy, w2, f, d, True)}
-    shapes = {tuple(c.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")) + (
-        c.num_warps, c.num_stages) for c in tma._GMM_CFG} | set(SWEEP_EXTRA)
-    out = []
-    for name, (a, w, n, k, trans) in cases.items():
-        flops = 2.0 * p * n * k
-        outs = [torch.empty(p, n, **bf) for _ in range(ROT)]
-        tuned = graph_time(lambda i: gg.launch_gmm(a[i], w, offsets, trans_w=trans), rep=rep)
-        res = []
-        for bm, bn, bk, warps, stages in sorted(shapes):
-            if stages * (bm * bk + bk * bn) * 2 > 227 * 1024:
-                continue
-            for pers in (True, False):
-                cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, PERSISTENT=pers,
-                           num_warps=warps, num_stages=stages)
-                fn = lambda i, cfg=cfg: tma.launch_gmm_tma(   # noqa: E731
-                    a[i], w, outs[i], None, offsets, None, n, k, 0, False, trans, pb, "ieee",
-                    config=cfg)
-                try:
-                    t = graph_time(fn, rep=rep)
-                except Exception as err:   # out of resources
-                    print(f"  sweep {shape} {name} {cfg}: {type(err).__name__}", flush=True)
-                    continue
-                res.append((flops / t * 1e-9, cfg))
-        res.sort(key=lambda r: -r[0])
-        row = dict(part="sweep", E=e, d=d, f=f, gemm=name, tuned=flops / tuned * 1e-9,
-                   best=res[0][0], best_cfg=res[0][1], top=[(t, c) for t, c in res[:5]])
-        print(f"  sweep {shape} {name}: autotuned {row['tuned']:.0f} TFLOP/s, best "
-              f"{row['best']:.0f} {row['best_cfg']}", flush=True)
-        out.append(row)
-    return out
-
-
-WS_SWEEP = ([c + ((232, 40),) for c in ws.CONFIGS]
-            + [(128, 128, 64, 4, 2, (240, 24)), (128, 128, 64, 5, 1, (232, 40)),
-               (128, 128, 32, 8, 1, (232, 40))])
-
-
-def sweep_ws(shape, p, rep):
-    """The fwd / dgrad GEMMs on the warp-specialized kernel over fixed configs (WS_SWEEP),
-    each in a CUDA graph, against its autotuned pick and the TMA kernel's."""
-    e, d, f = shape
-    offsets, _ = routing(p, e, "balanced")
-    bf = dict(device=DEV, dtype=torch.bfloat16)
-    w13, w2 = torch.randn(e, d, 2 * f, **bf), torch.randn(e, f, d, **bf)
-    x, h, dy, dgu = [[torch.randn(p, n, **bf) for _ in range(ROT)] for n in (d, f, d, 2 * f)]
-    pb = 1 << (p - 1).bit_length()
-    cases = {"w13_fwd": (x, w13, 2 * f, d, False), "w13_dgrad": (dgu, w13, d, 2 * f, True),
-             "w2_fwd": (h, w2, d, f, False), "w2_dgrad": (dy, w2, f, d, True)}
-    out = []
-    for name, (a, w, n, k, trans) in cases.items():
-        flops = 2.0 * p * n * k
-        outs = [torch.empty(p, n, **bf) for _ in range(ROT)]
-        call = lambda i: gg.launch_gmm(a[i], w, offsets, trans_w=trans)   # noqa: E731
-        tuned = flops / graph_time(call, rep=rep) * 1e-9
-        tma_t = flops / graph_time(tma_only(call), rep=rep) * 1e-9
-        w2d = tma.weights_2d(w)
-        res = []
-        for bm, bn, bk, st, cons, regs in WS_SWEEP:
-            cfg = ws.config(bm, bn, bk, st, cons, *regs)
-            fn = lambda i, cfg=cfg: ws.launch_gmm_ws(   # noqa: E731
-                a[i], w2d, outs[i], offsets, n, k, e, trans, pb, tma.num_programs(a[i].device),
-                cfg=cfg)
-            try:
-                res.append((flops / graph_time(fn, rep=rep) * 1e-9, (bm, bn, bk, st, regs, cons)))
-            except Exception as err:   # out of resources
-                print(f"  ws sweep {shape} {name} {(bm, bn, bk, st, regs, cons)}: "
-                      f"{type(err).__name__}", flush=True)
-        res.sort(key=lambda r: -r[0])
-        row = dict(part="ws_sweep", E=e, d=d, f=f, gemm=name, tuned=tuned, tma=tma_t,
-                   top=res[:6])
-        print(f"  ws sweep {shape} {name}: autotuned {tuned:.0f}, tma kernel {tma_t:.0f}, "
-              f"fixed: " + ", ".join(f"{t:.0f} {c}" for t, c in res), flush=True)
-        out.append(row)
-    return out
-
-
 def rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
@@ -506,8 +414,9 @@ def probe_hard(shape, p, rep):
 def autotune_report():
     """The config each autotuner chose, per key, and the timing of every candidate."""
     lines = []
-    for mod, name in ((ws, "_ws_tuned"), (gg, "_gmm_plain"), (gg, "_gmm_swiglu"), (gg, "_wgrad_tuned"),
-                      (tma, "_gmm_tuned"), (tma, "_swiglu_tuned"), (tma, "_wgrad_tuned")):
+    for mod, name in ((ws, "_ws_tuned"), (ws, "_ws_swiglu_tuned"), (gg, "_gmm_plain"),
+                      (gg, "_gmm_swiglu"), (gg, "_wgrad_tuned"), (tma, "_gmm_tuned"),
+                      (tma, "_swiglu_tuned"), (tma, "_wgrad_tuned")):
         tuner = getattr(mod, name, None)
         for key, cfg in getattr(tuner, "cache", {}).items():
             lines.append(f"{mod.__name__}.{name} key={key} best={cfg}")
@@ -593,6 +502,9 @@ def main(argv=None):
         shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes.split(";")]
     rep = 30 if args.quick else 100
     parts, rows = args.parts.split(","), []
+    if "sweep" in parts or "wssweep" in parts:
+        from tools import sweep_gemm_configs as sweeps
+        sweeps.bench = sys.modules[__name__]   # this module's settings, also when run as a script
     device = torch.cuda.get_device_name() if DEV == "cuda" else "cpu"
     print(f"device {device}  torch {torch.__version__}", flush=True)
     if "check" in parts:
@@ -609,13 +521,13 @@ def main(argv=None):
     if "sweep" in parts and DEV == "cuda":
         for shape in GEMM_SHAPES[:2]:
             try:
-                rows += sweep_gemms(shape, args.rows, rep)
+                rows += sweeps.sweep_gemms(shape, args.rows, rep)
             except Exception as err:   # keep the other parts' numbers
                 print(f"  sweep {shape} failed: {type(err).__name__}: {err}", flush=True)
     if "wssweep" in parts and DEV == "cuda":
         for shape in gemm_shapes_of(args):
             try:
-                rows += sweep_ws(shape, args.rows, rep)
+                rows += sweeps.sweep_ws(shape, args.rows, rep)
             except Exception as err:   # keep the other parts' numbers
                 print(f"  ws sweep {shape} failed: {type(err).__name__}: {err}", flush=True)
     if "probe" in parts:
