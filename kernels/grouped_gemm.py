@@ -299,9 +299,9 @@ def _launch(kernel, a, w, c, pre, offsets, gather_index, n, k, epilogue, store_p
     them; the pointer kernels write zeros anyway)."""
     p, e = c.shape[0], w.shape[0]
     if (gather_index is None and config is None and ws.available(a)
-            and tma.tma_ok(a, tma.weights_2d(w), c)):
+            and tma.tma_ok(a, w2 := tma.weights_2d(w), c)):
         def run_ws():
-            return ws.launch_gmm_ws(a, tma.weights_2d(w), c, offsets, n, k, e, trans_w,
+            return ws.launch_gmm_ws(a, w2, c, offsets, n, k, e, trans_w,
                                     _p_bucket(p), tma.num_programs(a.device), pre=pre,
                                     epilogue=epilogue, store_pre=store_pre)
 

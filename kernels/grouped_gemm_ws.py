@@ -60,13 +60,19 @@ _NUM_REGS = (232, 40)        # consumer 1, producer (the default partition gets 
 _MAXNREG = 168               # 12 warps (3 warpgroups) x 168 x 32 <= 64K registers
 
 
+_SM90: dict[int, bool] = {}
+
+
 def available(a: torch.Tensor) -> bool:
-    """Whether this kernel may run on a's device and dtype."""
+    """Whether this kernel may run on a's device and dtype (cached: runs on every launch)."""
     if gluon is None or MODE == "off" or a.device.type != "cuda":
         return False
     if a.dtype not in (torch.bfloat16, torch.float16) or torch.version.hip is not None:
         return False
-    return torch.cuda.get_device_capability(a.device)[0] == 9
+    idx = a.device.index if a.device.index is not None else torch.cuda.current_device()
+    if idx not in _SM90:
+        _SM90[idx] = torch.cuda.get_device_capability(idx)[0] == 9
+    return _SM90[idx]
 
 
 if gluon is not None:
