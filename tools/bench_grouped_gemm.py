@@ -62,26 +62,25 @@ def routing(p, e, kind, seed=0):
     return offsets.to(DEV), counts.tolist()
 
 
-def pointer(fn):
-    """fn run on the pointer kernels (TMA off): the pre-TMA version, side by side."""
+def mode_off(module, fn):
+    """fn run with module.MODE = "off" (the kernel module's MOC_GMM_* switch)."""
     def run(*a):
-        old, tma.MODE = tma.MODE, "off"
+        old, module.MODE = module.MODE, "off"
         try:
             return fn(*a)
         finally:
-            tma.MODE = old
+            module.MODE = old
     return run
+
+
+def pointer(fn):
+    """fn run on the pointer kernels (TMA off): the pre-TMA version, side by side."""
+    return mode_off(tma, fn)
 
 
 def tma_only(fn):
     """fn with the warp-specialized kernel off (MOC_GMM_WS=off): the TMA kernel alone."""
-    def run(*a):
-        old, ws.MODE = ws.MODE, "off"
-        try:
-            return fn(*a)
-        finally:
-            ws.MODE = old
-    return run
+    return mode_off(ws, fn)
 
 
 class Rot:
