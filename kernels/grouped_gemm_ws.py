@@ -10,18 +10,20 @@ GEMMs use:
   ring of STAGES shared-memory slots (`ready` / `empty` mbarriers per slot);
 - two consumer warpgroups take the program's tiles alternately (consumer c the local tiles
   c, c + 2, ...), each with its own accumulator, so one's epilogue (convert, store) runs
-  while the other's wgmma main loop keeps the tensor cores busy.
+  while the other's wgmma main loop keeps the tensor cores busy. Their main loops alternate
+  through an order barrier (`turn`), which also keeps the ring's parity waits sound.
 
-Same contract as `launch_gmm_tma` with EPILOGUE 0 and no gather: C[rows_e] = A[rows_e] @ W[e]
-(W[e]^T with B_TRANS), rows sorted by expert, device-side int64 offsets, no host sync. The
+Same contract as `launch_gmm_tma` with EPILOGUE 0 or 1 (SwiGLU forward) and no gather:
+C[rows_e] = A[rows_e] @ W[e] (W[e]^T with B_TRANS), rows sorted by expert, device-side int64 offsets, no host sync. The
 tile map is the TMA kernel's (GROUP_M swizzle over row tiles that never cross an expert end);
 each partition finds a tile's expert with a scalar scan of the offsets. Tiles inside their
 expert store through a TMA descriptor; an expert's last, partial tile stores with masked
 pointer stores (a TMA store would clobber the next expert's first rows).
 
-Gluon compiles for sm90 but does not run under TRITON_INTERPRET, so this kernel is tested on
-the GPU only (tests/kernels/test_grouped_gemm_ws.py), against the fp64 reference; it is used
-when `MOC_GMM_WS` allows it (kernels/grouped_gemm.py).
+Gluon compiles for sm90 but does not run under TRITON_INTERPRET, so this kernel's numerics are
+tested on the GPU only (tests/kernels/test_grouped_gemm_ws.py, against the fp64 reference);
+on the CPU, tools/compile_sm90.py compiles it to an sm90 cubin. It is used when `MOC_GMM_WS`
+allows it (kernels/grouped_gemm.py; `choose` below).
 """
 from __future__ import annotations
 
