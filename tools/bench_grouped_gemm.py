@@ -14,6 +14,7 @@ mode. Times are triton.testing.do_bench medians on random data, inputs rotated.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import os
@@ -83,6 +84,20 @@ def tma_only(fn):
     return mode_off(ws, fn)
 
 
+def abba(names, rounds):
+    """(round, name) for every name in every round, the order reversed on odd rounds: clock
+    and thermal drift then falls on both sides of a comparison."""
+    for rnd in range(rounds):
+        for name in (names if rnd % 2 == 0 else names[::-1]):
+            yield rnd, name
+
+
+def median(vals):
+    """The middle value (the upper one of an even count); nan for none."""
+    vals = sorted(vals)
+    return vals[len(vals) // 2] if vals else float("nan")
+
+
 class Rot:
     """Cycles through ROT input sets so repeated calls do not hit a warm L2."""
 
@@ -144,9 +159,8 @@ def bench_mlp(shape, kind, p, rep, rounds=1, methods=None):
     out = []
     fns = mlp_fns(e, d, f, p, offsets, counts)
     order = [m for m in fns if methods is None or m in methods]
-    for rnd in range(rounds):
-        for name in (order if rnd % 2 == 0 else order[::-1]):
-            out.append(_time_mlp(shape, kind, name, *fns[name], rot, xs, flops, rep, rnd))
+    for rnd, name in abba(order, rounds):
+        out.append(_time_mlp(shape, kind, name, *fns[name], rot, xs, flops, rep, rnd))
     return out
 
 
@@ -190,9 +204,9 @@ def graph_time(fn, calls=10, rep=100):
     return t
 
 
-def bench_gemms(shape, p, rep, graph=False, pointer_kernels=True):
-    """Per GEMM of the MLP, balanced routing: ours vs grouped_mm vs cuBLAS mm and bmm (with
-    `graph`, each also timed inside a CUDA graph: columns `<method>_graph`)."""
+def gemm_fns(shape, p):
+    """The GEMMs of the expert MLP, balanced routing, bf16: name -> (flop count, {method:
+    fn(i)}), fn(i) one call on input set i of ROT (ours, grouped_mm, cuBLAS mm and bmm)."""
     e, d, f = shape
     offsets, _ = routing(p, e, "balanced")
     offs32 = offsets[1:].to(torch.int32)
@@ -202,7 +216,6 @@ def bench_gemms(shape, p, rep, graph=False, pointer_kernels=True):
     x, dgu, h, dy = [[torch.randn(p, n, **bf) for _ in range(ROT)] for n in (d, 2 * f, f, d)]
     pre = [torch.randn(p, 2 * f, **bf) for _ in range(ROT)]
     pe = p // e
-    r = Rot(list(range(ROT)))
     # name -> (flop count, {method: fn})
     gemms = {
         "w13_fwd": (2.0 * p * d * 2 * f, {
@@ -240,26 +253,52 @@ def bench_gemms(shape, p, rep, graph=False, pointer_kernels=True):
             "bmm": lambda i: torch.bmm(h[i].view(e, pe, f).transpose(1, 2),
                                        dy[i].view(e, pe, d))}),
     }
+    return gemms
+
+
+GRAPHED = ("triton", "triton_tma", "grouped_mm", "mm", "bmm")   # the --graph columns
+
+
+def gemm_timers(fns, rep, graph):
+    """column -> a call that times it once (ms): every method eager, with the inputs rotated,
+    and with `graph` (on the GPU) the GRAPHED ones inside a CUDA graph as `<method>_graph`."""
+    r = Rot(list(range(ROT)))
+
+    def eager(fn):
+        return lambda: bench(lambda: fn(r.next()), rep=rep)
+
+    timers = {m: eager(fn) for m, fn in fns.items()}
+    if graph and DEV == "cuda":
+        timers.update({f"{m}_graph": functools.partial(graph_time, fns[m], rep=rep)
+                       for m in GRAPHED if m in fns})
+    return timers
+
+
+def bench_gemms(shape, p, rep, graph=False, pointer_kernels=True, rounds=1):
+    """Per GEMM of the MLP (gemm_fns), TFLOP/s of each column (gemm_timers). With rounds > 1
+    every column is timed that many times, in abba order as in bench_mlp; the row keeps the
+    median under the column's name and the per-round values under `rounds_<column>`."""
+    e, d, f = shape
     out = []
-    for name, (flops, fns) in gemms.items():
+    for name, (flops, fns) in gemm_fns(shape, p).items():
         if pointer_kernels:
             fns["triton_ptr"] = pointer(fns["triton"])
         if "wgrad" not in name:   # fwd / dgrad: the ping-pong kernel, when it runs here
             fns["triton_tma"] = tma_only(fns["triton"])
         if "triton_swiglu" in fns:
             fns["triton_swiglu_tma"] = tma_only(fns["triton_swiglu"])
+        timers = gemm_timers(fns, rep, graph)
+        per_round = {col: [] for col in timers}
+        for _, col in abba(list(timers), rounds):
+            per_round[col].append(flops / timers[col]() * 1e-9)
         row = dict(part="gemm", E=e, d=d, f=f, gemm=name)
-        for method, fn in fns.items():
-            t = bench(lambda: fn(r.next()), rep=rep)
-            row[method] = flops / t * 1e-9
-        if graph and DEV == "cuda":
-            for method in ("triton", "triton_tma", "grouped_mm", "mm", "bmm"):
-                if method not in fns:
-                    continue
-                row[f"{method}_graph"] = flops / graph_time(fns[method], rep=rep) * 1e-9
+        row.update({col: median(v) for col, v in per_round.items()})
+        if rounds > 1:
+            row.update({f"rounds_{col}": v for col, v in per_round.items()})
         out.append(row)
         print(f"  gemm {shape} {name:10s} " + "  ".join(
-            f"{k} {v:6.1f}" for k, v in row.items() if isinstance(v, float)), flush=True)
+            f"{k} {v:6.1f}" for k, v in row.items() if isinstance(v, float))
+            + (f"  (medians of {rounds} rounds)" if rounds > 1 else ""), flush=True)
     return out
 
 
@@ -428,12 +467,11 @@ def table(rows):
     methods = list(dict.fromkeys(r["method"] for r in mlp))
     out.append(f"{'E,d,f':16s}{'routing':9s}" + "".join(f"{m:>18s}" for m in methods))
     for key in dict.fromkeys((r["E"], r["d"], r["f"], r["routing"]) for r in mlp):
-        def median(m, col):
-            vals = sorted(r[col] for r in mlp if r["method"] == m
+        def med(m, col):
+            return median(r[col] for r in mlp if r["method"] == m
                           and (r["E"], r["d"], r["f"], r["routing"]) == key)
-            return vals[len(vals) // 2] if vals else float("nan")
         out.append(f"{str(key[:3]):16s}{key[3]:9s}" + "".join(
-            f"{median(m, 'fwd_tflops'):8.0f} |{median(m, 'fwdbwd_tflops'):6.0f}  "
+            f"{med(m, 'fwd_tflops'):8.0f} |{med(m, 'fwdbwd_tflops'):6.0f}  "
             for m in methods))
     gem = [r for r in rows if r["part"] == "gemm"]
     if gem:
@@ -482,8 +520,8 @@ def main(argv=None):
     ap.add_argument("--gemm-shapes", default=None,
                     help="per-GEMM part: shapes as E,d,f;E,d,f (default: all three)")
     ap.add_argument("--rounds", type=int, default=1,
-                    help="MLP part: time every method this many times (order reversed on odd "
-                         "rounds); the table shows medians")
+                    help="MLP and per-GEMM parts: time every method this many times (order "
+                         "reversed on odd rounds); the table shows medians")
     ap.add_argument("--mlp-methods", default=None,
                     help="MLP part: comma-separated subset of the methods")
     ap.add_argument("--shapes", default=None,
@@ -516,7 +554,7 @@ def main(argv=None):
     if "gemm" in parts:
         for shape in gemm_shapes_of(args):
             rows += bench_gemms(shape, args.rows, rep, graph=args.graph,
-                                pointer_kernels=not args.no_pointer)
+                                pointer_kernels=not args.no_pointer, rounds=args.rounds)
     if "sweep" in parts and DEV == "cuda":
         for shape in GEMM_SHAPES[:2]:
             try:

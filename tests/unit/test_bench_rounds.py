@@ -1,0 +1,42 @@
+"""tools/bench_grouped_gemm.py --rounds on the per-GEMM part: the order of the columns in each
+round, and the medians the row keeps. Timing is faked, so no kernel runs."""
+
+from tools import bench_grouped_gemm as bgg
+
+
+def test_abba_reverses_odd_rounds():
+    assert list(bgg.abba(["a", "b"], 3)) == [(0, "a"), (0, "b"), (1, "b"), (1, "a"),
+                                             (2, "a"), (2, "b")]
+
+
+def test_median_upper_of_even():
+    assert bgg.median([3.0, 1.0, 2.0]) == 2.0
+    assert bgg.median([4.0, 1.0, 3.0, 2.0]) == 3.0
+    assert bgg.median([]) != bgg.median([])   # nan
+
+
+def _fake(monkeypatch):
+    """One wgrad GEMM (no TMA-only column) with columns triton and mm; bench() runs the call
+    once, records it, and returns 1, 2, 3, ... ms."""
+    calls, times = [], iter(range(1, 100))
+    fns = {m: (lambda i, m=m: calls.append(m)) for m in ("triton", "mm")}
+    monkeypatch.setattr(bgg, "gemm_fns", lambda shape, p: {"w13_wgrad": (1e9, fns)})
+    monkeypatch.setattr(bgg, "bench", lambda fn, rep: (fn(), float(next(times)))[1])
+    return calls
+
+
+def test_gemm_rounds_order_and_medians(monkeypatch):
+    calls = _fake(monkeypatch)
+    row, = bgg.bench_gemms((4, 64, 96), 256, rep=1, pointer_kernels=False, rounds=3)
+    assert calls == ["triton", "mm", "mm", "triton", "triton", "mm"]
+    # TFLOP/s = 1e9 flops / t ms * 1e-9 = 1 / t: triton took 1, 4, 5 ms, mm 2, 3, 6 ms
+    assert row["rounds_triton"] == [1.0, 1 / 4, 1 / 5] and row["triton"] == 1 / 4
+    assert row["rounds_mm"] == [1 / 2, 1 / 3, 1 / 6] and row["mm"] == 1 / 3
+
+
+def test_gemm_one_round_as_before(monkeypatch):
+    calls = _fake(monkeypatch)
+    row, = bgg.bench_gemms((4, 64, 96), 256, rep=1, pointer_kernels=False)
+    assert calls == ["triton", "mm"]
+    assert (row["triton"], row["mm"]) == (1.0, 1 / 2)
+    assert not any(k.startswith("rounds_") for k in row)
