@@ -46,6 +46,7 @@ import torch
 
 from kernels import grouped_gemm_tma as tma
 from kernels import grouped_gemm_ws as ws
+from kernels import grouped_gemm_ws_wgrad as wsw
 from kernels.gmm_backend import TorchPrimitives, _interpreting, resolve_backend
 from kernels.swiglu import launch_swiglu_bwd
 
@@ -387,6 +388,30 @@ def launch_gmm_swiglu_bwd(dy, w2, offsets, pre):
     return launch_swiglu_bwd(pre, dh, offsets[-1:], zero_tail=False)
 
 
+def _wgrad_hopper(a, dy, c, offsets, acc_in, k_bucket):
+    """sm90 bf16 wgrad: the warp-specialized kernel or the TMA kernel, whichever times faster
+    for this key (grouped_gemm_ws.choose). The timing runs write a scratch output, so an
+    in-place accumulation (c is acc_in) is not added to more than once."""
+    def run(use_ws, out):
+        if use_ws:
+            return wsw.launch_wgrad_ws(a, dy, out, offsets, acc_in, k_bucket,
+                                       tma.num_programs(a.device))
+        return tma.launch_wgrad_tma(a, dy, out, offsets, None, acc_in, k_bucket,
+                                    _prec(a.dtype))
+
+    scratch = []
+
+    def timed(use_ws):
+        def fn():
+            if not scratch:
+                scratch.append(torch.empty_like(c))
+            return run(use_ws, scratch[0])
+        return fn
+
+    key = ("wgrad", c.shape, k_bucket, acc_in is not None, c.dtype, a.dtype, a.device)
+    return run(ws.choose(key, timed(True), timed(False)), c)
+
+
 def launch_wgrad(a, dy, offsets, gather_index=None, accumulate_into=None, out_dtype=None,
                  num_experts=None, config=None):
     """dW [E, K, N] with dW[e] = A[rows_e]^T @ dY[rows_e] (fp32 accumulation); experts with
@@ -413,6 +438,8 @@ def launch_wgrad(a, dy, offsets, gather_index=None, accumulate_into=None, out_dt
         # Measured (docs/kernels_notes.md): on the TMA path a gathered wgrad runs ~40% slower
         # than a compact one, far more than one transient row copy costs.
         a, gather_index = a.index_select(0, gather_index), None
+    if gather_index is None and config is None and ws.available(a) and tma.tma_ok(a, dy):
+        return _wgrad_hopper(a, dy, c, offsets, acc_in, k_bucket)
     if (gather_index is None or tma.GATHER) and tma.tma_ok(
             a if gather_index is None else None, dy):
         return tma.launch_wgrad_tma(a, dy, c, offsets, gather_index, acc_in, k_bucket,

@@ -2,8 +2,8 @@
 
 Gluon kernels do not run in the CPU interpreter, but Triton's compiler (and the ptxas it
 bundles) does not need a GPU: this installs a compile-only driver that names an sm90 target,
-compiles every config of kernels/grouped_gemm_ws.py down to a cubin, and prints its
-registers, local-memory spills and shared memory. It fails (exit 1) on a compile error, a
+compiles every config of kernels/grouped_gemm_ws.py and kernels/grouped_gemm_ws_wgrad.py down
+to a cubin, and prints its registers, local-memory spills and shared memory. It fails (exit 1) on a compile error, a
 spill or a config over Hopper's 227 KiB of shared memory, so a Triton upgrade that changes
 the Gluon API (3.7 renamed the TMA copies) shows up in CI, not on the cluster.
 
@@ -106,7 +106,24 @@ def compile_ws(epilogue: int, trans: bool, cfg: tuple, e=8, k=768, f=2048, p=409
         descs["a_desc"], descs["b_desc"], descs["c_desc"], c, pre, offsets, n, k, e,
         c.stride(0), pre.stride(0), p, B_TRANS=trans, EPILOGUE=epilogue,
         STORE_PRE=epilogue == 1, grid=(1,), **kw)
-    return dict(_usage(kernel.asm["cubin"]), smem=kernel.metadata.shared)
+    return dict(_usage(kernel.asm["cubin"]), smem=kernel.metadata.shared, ptx=kernel.asm["ptx"])
+
+
+def compile_wgrad_ws(accumulate: bool, cfg: tuple, e=8, k=768, n=2048, p=4096) -> dict:
+    """Compile one config of the WS wgrad kernel (kernels/grouped_gemm_ws_wgrad.py)."""
+    from kernels import grouped_gemm_ws as ws
+    from kernels import grouped_gemm_ws_wgrad as wsw
+    bf = torch.bfloat16
+    a, dy = torch.empty(p, k, dtype=bf), torch.empty(p, n, dtype=bf)
+    c = torch.empty(e, k, n, dtype=torch.float32 if accumulate else bf)
+    offsets = torch.zeros(e + 1, dtype=torch.int64)
+    kw = dict(wsw.config(*cfg).all_kwargs())
+    descs = dict(a_desc=ws._desc(a), b_desc=ws._desc(dy))
+    wsw._size_blocks(dict(kw, **descs))
+    kernel = wsw._wgrad_ws_kernel.warmup(
+        descs["a_desc"], descs["b_desc"], c, c, offsets, k, n, e, c.stride(0), c.stride(1), p,
+        ACCUMULATE=accumulate, grid=(1,), **kw)
+    return dict(_usage(kernel.asm["cubin"]), smem=kernel.metadata.shared, ptx=kernel.asm["ptx"])
 
 
 def main(argv=None) -> int:
@@ -121,14 +138,18 @@ def main(argv=None) -> int:
         return 0
     plain = ws.CONFIGS if args.all else ws.CONFIGS[:1] + ws.CONFIGS[-1:]
     swiglu = ws.SWIGLU_CONFIGS if args.all else ws.SWIGLU_CONFIGS[:1]
-    jobs = ([(0, False, c) for c in plain] + [(0, True, c) for c in plain]
-            + [(1, False, c) for c in swiglu])
+    from kernels import grouped_gemm_ws_wgrad as wsw
+    wgrad = wsw.CONFIGS if args.all else wsw.CONFIGS[:1] + wsw.CONFIGS[-1:]
+    jobs = ([(f"epilogue 0 trans 0 {c}", compile_ws, (0, False, c)) for c in plain]
+            + [(f"epilogue 0 trans 1 {c}", compile_ws, (0, True, c)) for c in plain]
+            + [(f"epilogue 1 trans 0 {c}", compile_ws, (1, False, c)) for c in swiglu]
+            + [(f"wgrad accumulate {int(acc)} {c}", compile_wgrad_ws, (acc, c))
+               for c in wgrad for acc in (False, True)])
     bad = 0
     print(f"triton {triton.__version__}, target sm90")
-    for epilogue, trans, cfg in jobs:
-        name = f"epilogue {epilogue} trans {int(trans)} {cfg}"
+    for name, compile_one, job in jobs:
         try:
-            r = compile_ws(epilogue, trans, cfg)
+            r = compile_one(*job)
         except Exception as err:   # a compile error: report it, keep checking the rest
             print(f"{name}: FAILED {type(err).__name__}: {str(err).splitlines()[-1][:300]}")
             bad += 1

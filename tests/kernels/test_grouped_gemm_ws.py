@@ -138,7 +138,7 @@ def test_auto_mode_times_once_per_key(monkeypatch):
 
 
 def test_ws_kernel_compiles_for_sm90_without_a_gpu(tmp_path):
-    """tools/compile_sm90.py compiles the Gluon kernel down to an sm90 cubin on this machine
+    """tools/compile_sm90.py compiles the Gluon kernels (forward / dgrad and wgrad) down to an sm90 cubin on this machine
     (no GPU needed) and fails on a compile error, a register spill or too much shared
     memory: a Triton upgrade that breaks the Gluon code fails here, in CI."""
     import os
@@ -152,4 +152,4 @@ def test_ws_kernel_compiles_for_sm90_without_a_gpu(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(root, "tools", "compile_sm90.py")],
                        capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr[-3000:]
-    assert r.stdout.count("spill bytes 0") == 5, r.stdout
+    assert r.stdout.count("spill bytes 0") == 9, r.stdout
