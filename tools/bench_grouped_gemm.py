@@ -283,8 +283,7 @@ def bench_gemms(shape, p, rep, graph=False, pointer_kernels=True, rounds=1):
     for name, (flops, fns) in gemm_fns(shape, p).items():
         if pointer_kernels:
             fns["triton_ptr"] = pointer(fns["triton"])
-        if "wgrad" not in name:   # fwd / dgrad: the ping-pong kernel, when it runs here
-            fns["triton_tma"] = tma_only(fns["triton"])
+        fns["triton_tma"] = tma_only(fns["triton"])   # without the ping-pong kernels
         if "triton_swiglu" in fns:
             fns["triton_swiglu_tma"] = tma_only(fns["triton_swiglu"])
         timers = gemm_timers(fns, rep, graph)
