@@ -59,17 +59,6 @@ def num_programs(device: torch.device) -> int:
     return _SMS[idx]
 
 
-def gpu_time(fn, quantiles=None, rep=20):
-    """GPU ms per call of fn, from CUDA-graph replays (triton.testing.do_bench_cudagraph):
-    what the Hopper autotuners and the ping-pong / TMA choice rank kernels by. Eager timing
-    also counts each launch's host work, which for a small GEMM on a slow host is more than
-    the kernel's own time (docs/benchmarks.md, session 9): every config then times alike and
-    the pick is noise. The model replays its train step as a CUDA graph, so GPU time is also
-    what it pays. (fn's first call, the warm-up, runs before the capture.)"""
-    from triton.testing import do_bench_cudagraph
-    return do_bench_cudagraph(fn, rep=rep, quantiles=quantiles, return_mode="median")
-
-
 _HOPPER: dict[int, bool] = {}
 
 
@@ -354,19 +343,16 @@ if triton is not None:
 
     _even_k = {"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0}
     _prune = {"early_config_prune": fits_smem}
-    _bench = None if _interpreting() else gpu_time   # the interpreter has one config
     _gmm_tuned = triton.autotune(_GMM_CFG, key=["N", "K", "P_BUCKET", "EPILOGUE", "B_TRANS",
-                                                "HAS_GATHER"], prune_configs_by=_prune,
-                                 do_bench=_bench)(
+                                                "HAS_GATHER"], prune_configs_by=_prune)(
         triton.heuristics(_even_k)(_gmm_tma_kernel))
     _swiglu_tuned = triton.autotune(_SWIGLU_CFG, key=["N", "K", "P_BUCKET", "EPILOGUE",
                                                       "B_TRANS", "HAS_GATHER"],
-                                    prune_configs_by=_prune, do_bench=_bench)(
+                                    prune_configs_by=_prune)(
         triton.heuristics(_even_k)(_gmm_tma_kernel))
     _wgrad_tuned = triton.autotune(_WGRAD_CFG, key=["N", "K", "K_BUCKET", "HAS_GATHER",
                                                     "ACCUMULATE"], prune_configs_by=_prune,
-                                   restore_value=["c_ptr"],   # tuning runs must not add twice
-                                   do_bench=_bench)(
+                                   restore_value=["c_ptr"])(   # tuning runs must not add twice
         triton.heuristics(_even_k)(_wgrad_tma_kernel))
 
 

@@ -32,8 +32,6 @@ import os
 
 import torch
 
-from kernels.grouped_gemm_tma import gpu_time
-
 try:
     import triton
     from triton.experimental import gluon
@@ -335,11 +333,10 @@ def config(bm, bn, bk, stages, consumers=2, mma_regs=_NUM_REGS[0], load_regs=_NU
 
 if gluon is not None:
     _ws_tuned = triton.autotune([config(*c) for c in CONFIGS],
-                                key=["N", "K", "P_BUCKET", "B_TRANS", "EPILOGUE"],
-                                do_bench=gpu_time)(_gmm_ws_kernel)
+                                key=["N", "K", "P_BUCKET", "B_TRANS", "EPILOGUE"])(_gmm_ws_kernel)
     _ws_swiglu_tuned = triton.autotune([config(*c) for c in SWIGLU_CONFIGS],
-                                       key=["N", "K", "P_BUCKET", "EPILOGUE", "STORE_PRE"],
-                                       do_bench=gpu_time)(_gmm_ws_kernel)
+                                       key=["N", "K", "P_BUCKET", "EPILOGUE", "STORE_PRE"])(
+        _gmm_ws_kernel)
 
 
 def launch_gmm_ws(a, w2, c, offsets, n, k, e, trans_w, p_bucket, num_programs, cfg=None,
@@ -371,8 +368,8 @@ _CHOICE: dict[tuple, bool] = {}
 
 def choose(key, run_ws, run_tma) -> bool:
     """Whether GEMMs of this key (shape bucket, dtype, device) run on this kernel: "on" /
-    "off" decide outright; "auto" times both kernels once (each autotuned first; GPU time
-    from CUDA-graph replays, `grouped_gemm_tma.gpu_time`) and keeps the faster. Neither kernel wins everywhere: at the
+    "off" decide outright; "auto" times both kernels once (each autotuned first, CUDA-event
+    medians with the L2 flushed) and keeps the faster. Neither kernel wins everywhere: at the
     session 8 shapes this one wins short-K GEMMs (its epilogue overlaps the other consumer's
     main loop), the TMA kernel's 128 x 256 tiles the long-K ones. During CUDA-graph capture
     an untimed key takes the TMA kernel (timing cannot run there)."""
@@ -381,8 +378,9 @@ def choose(key, run_ws, run_tma) -> bool:
     if key not in _CHOICE:
         if torch.cuda.is_current_stream_capturing():
             return False
+        from triton.testing import do_bench
         t = {run_ws: 0.0, run_tma: 0.0}
         for fn in (run_ws, run_tma, run_tma, run_ws):   # ABBA: drift falls on both sides
-            t[fn] += gpu_time(fn, rep=30)
+            t[fn] += do_bench(fn, warmup=10, rep=30, return_mode="median")
         _CHOICE[key] = t[run_ws] < t[run_tma]
     return _CHOICE[key]
