@@ -570,7 +570,12 @@ def main(argv=None):
         rows.append(probe_hard(shapes[1] if len(shapes) > 1 else shapes[0], args.rows, rep))
     if "hard" in parts:
         for shape in shapes[:2]:
-            rows.append(bench_hard_mode(shape, args.rows, rep))
+            try:
+                rows.append(bench_hard_mode(shape, args.rows, rep))
+            except ModuleNotFoundError as err:   # keep the other parts' numbers
+                print(f"  hard mode {shape} skipped: it runs megatron_moc's permute, which "
+                      f"needs megatron-core installed ({err})", flush=True)
+                break
     tune = autotune_report()
     print("\n".join(tune))
     print(table(rows))
