@@ -117,6 +117,20 @@ if gluon is not None:
         return g, row0, row_end, pid_n * BLOCK_N
 
     @gluon.jit
+    def ring_barriers(STAGES: gl.constexpr):
+        """The ring's `ready` / `empty` mbarriers (one per slot) and the consumers' `turn`
+        pair (the order barrier), initialized (also used by the wgrad twin)."""
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        for s in gl.static_range(STAGES):
+            mbarrier.init(ready.index(s), count=1)
+            mbarrier.init(empty.index(s), count=1)
+        for c in gl.static_range(2):
+            mbarrier.init(turn.index(c), count=1)
+        return ready, empty, turn
+
+    @gluon.jit
     def _load_partition(descs, bufs, bars, scal, WHICH: gl.constexpr, B_TRANS: gl.constexpr,
                         EPILOGUE: gl.constexpr, STORE_PRE: gl.constexpr, BLOCK_M: gl.constexpr,
                         BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, GROUP_M: gl.constexpr,
@@ -259,14 +273,7 @@ if gluon is not None:
                                            [STAGES * B_PER_STAGE] + b_desc.block_type.shape,
                                            b_desc.layout)
         c_bufs = gl.allocate_shared_memory(c_desc.dtype, [2, BLOCK_M, BLOCK_N], c_desc.layout)
-        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        for s in gl.static_range(STAGES):
-            mbarrier.init(ready.index(s), count=1)
-            mbarrier.init(empty.index(s), count=1)
-        for c in gl.static_range(2):
-            mbarrier.init(turn.index(c), count=1)
+        ready, empty, turn = ring_barriers(STAGES)
         descs = (a_desc, b_desc, c_desc)
         bufs = (a_bufs, b_bufs, c_bufs)
         bars = (ready, empty, turn)

@@ -163,14 +163,7 @@ if ws.gluon is not None:
                                            a_desc.layout)
         b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES, BLOCK_R, BLOCK_N],
                                            b_desc.layout)
-        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        for s in gl.static_range(STAGES):
-            mbarrier.init(ready.index(s), count=1)
-            mbarrier.init(empty.index(s), count=1)
-        for c in gl.static_range(2):
-            mbarrier.init(turn.index(c), count=1)
+        ready, empty, turn = ws.ring_barriers(STAGES)
         descs = (a_desc, b_desc)
         bufs = (a_bufs, b_bufs)
         bars = (ready, empty, turn)
