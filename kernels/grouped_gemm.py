@@ -32,8 +32,9 @@ On Hopper-class GPUs (and in the CPU interpreter) the launchers hand off to the 
 of kernels/grouped_gemm_tma.py (same contracts; MOC_GMM_TMA=on/off/auto); the pointer kernels
 below run elsewhere, for fp32 on the GPU, and for shapes TMA cannot address. On sm90 in
 bf16/fp16, forward and dgrad GEMMs without a gather (plain or with the SwiGLU epilogue) can
-also run on the warp-specialized ping-pong kernel of kernels/grouped_gemm_ws.py; with
-MOC_GMM_WS=auto each shape takes whichever of the two times faster on its first call.
+also run on the warp-specialized ping-pong kernel of kernels/grouped_gemm_ws.py, and the
+wgrad on its twin kernels/grouped_gemm_ws_wgrad.py; with MOC_GMM_WS=auto each shape takes
+whichever of the two times faster on its first call.
 
 No host sync on the path: the grid is sized from P and E alone (cdiv(P, BLOCK_M) + E row
 tiles cover every expert's tiles plus the zero tail, since sum_g ceil(n_g/B) <=
