@@ -330,13 +330,16 @@ def check_bf16(shape=(8, 768, 2048), p=32768):
     return dict(part="bf16_check", E=e, d=d, f=f, ok=ok, **errs)
 
 
-def bench_hard_mode(shape, p, rep):
+def hard_mode_steps(shape, p):
     """S = 2 expert MLP steps on shared weights (fp32 wgrad accumulation). Soft: both steps on
     all rows. Hard, as the MoC experts run it (megatron_moc/moc/experts.py `_hard_step`):
     step 2 permutes the rows so each expert's active half comes first and the inactive rows
     form the zero tail, runs the MLP on those offsets, and permutes back (both directions,
     forward and backward, are gathers). Also timed: step 2 reading the active rows through
-    the kernels' gather_index (dX then scatters back with index_add)."""
+    the kernels' gather_index (dX then scatters back with index_add).
+
+    Returns (step2, leaves): step2(mode) runs one forward + backward, mode "soft", "hard" or
+    "hard_gather"; leaves are the tensors whose .grad it writes."""
     from megatron_moc.moc.dispatch import permute_rows
     e, d, f = shape
     offsets, counts = routing(p, e, "balanced")
@@ -352,10 +355,14 @@ def bench_hard_mode(shape, p, rep):
     off2[1:] = torch.bincount(expert[active], minlength=e).cumsum(0)
     keep = order[: int(active.sum())]                  # the active rows, by expert
     xs = [torch.randn(p, d, **bf).requires_grad_() for _ in range(ROT)]
-    rot = Rot(xs)
+    # Dense output gradients, as the model's backward delivers them (and as the MLP part
+    # times): a .sum() would hand autograd stride-0 grads whose copies and gathers take other
+    # kernels, and a reduction that is not the experts' work.
+    dys = [(torch.randn(p, d, **bf), torch.randn(p, d, **bf)) for _ in range(ROT)]
+    rot = Rot(list(zip(xs, dys)))
 
     def step2(mode):
-        x = rot.next()
+        x, dy = rot.next()
         acc = gg.WeightGradAccumulator()
         w13_t, w2_t = acc.track(w13, w2)
         h1 = expert_swiglu_mlp(x, w13_t, w2_t, offsets, wgrad_acc=acc)
@@ -366,9 +373,15 @@ def bench_hard_mode(shape, p, rep):
                                                 off2, wgrad_acc=acc), inverse, order)
         else:
             h2 = expert_swiglu_mlp(h1, w13_t, w2_t, off2, keep, wgrad_acc=acc)
-        (h1.sum() + h2.sum()).backward()
+        torch.autograd.backward((h1, h2), (dy[0], dy[1][: h2.shape[0]]))   # gather: fewer rows
 
-    leaves = xs + [w13, w2]
+    return step2, xs + [w13, w2]
+
+
+def bench_hard_mode(shape, p, rep):
+    """Soft against hard IRL mode, S = 2, eager and in a CUDA graph (hard_mode_steps)."""
+    e, d, f = shape
+    step2, leaves = hard_mode_steps(shape, p)
     modes = ("soft", "hard", "hard_gather")
     t = {m: bench(lambda: step2(m), grad_to_none=leaves, rep=rep) for m in modes}
     # The model replays the whole train step as one CUDA graph (training/cuda_graph.py), so
@@ -378,8 +391,8 @@ def bench_hard_mode(shape, p, rep):
         try:
             t.update({f"{m}_graph": bench(graphed(lambda: step2(m), leaves), rep=rep)
                        for m in modes})
-        except RuntimeError as e:   # keep the eager numbers
-            print(f"  hard mode {shape}: CUDA-graph timing failed: {e}", flush=True)
+        except RuntimeError as err:   # keep the eager numbers
+            print(f"  hard mode {shape}: CUDA-graph timing failed: {err}", flush=True)
     res = dict(part="hard_mode", E=e, d=d, f=f, **{f"{k}_ms": v for k, v in t.items()})
     for sfx, how in (("", "eager"), ("_graph", "CUDA graph")):
         if f"soft{sfx}_ms" not in res:
