@@ -373,12 +373,13 @@ def launch_gmm_ws(a, w2, c, offsets, n, k, e, trans_w, p_bucket, num_programs, c
 
 
 _CHOICE: dict[tuple, bool] = {}
+_CHOICE_MS: dict[tuple, tuple] = {}   # key -> (this kernel ms, TMA kernel ms, "graph" / "eager")
 _GRAPH_TIMING = [True]   # off after a failed capture: eager timing from then on
 
 
-def _graph_times(fns, calls=8, rounds=2):
+def _graph_times(fns, calls=8, rounds=3):
     """{fn: ms per call} from replays of one CUDA graph per fn (`calls` calls each), in ABBA
-    order: the GPU time alone. Eager event timing of a ~0.2 ms GEMM also counts the host's
+    order, the median over rounds: the GPU time alone. Eager event timing of a ~0.2 ms GEMM also counts the host's
     launch work (100-250 us of Python per Triton launch, docs/kernels_notes.md v12), which
     the model's graphed train step does not pay. Each fn has run once (autotuned) before."""
     graphs = {}
@@ -388,7 +389,7 @@ def _graph_times(fns, calls=8, rounds=2):
         with torch.cuda.graph(graphs[fn]):
             for _ in range(calls):
                 fn()
-    t = dict.fromkeys(fns, 0.0)
+    t = {fn: [] for fn in fns}
     for _ in range(rounds):
         for fn in (*fns, *fns[::-1]):
             graphs[fn].replay()          # warm: the timed replay starts from a busy GPU
@@ -397,15 +398,15 @@ def _graph_times(fns, calls=8, rounds=2):
             graphs[fn].replay()
             end.record()
             end.synchronize()
-            t[fn] += start.elapsed_time(end) / calls
-    return t
+            t[fn].append(start.elapsed_time(end) / calls)
+    return {fn: sorted(v)[len(v) // 2] for fn, v in t.items()}
 
 
 def _eager_times(fns):
     from triton.testing import do_bench
     t = dict.fromkeys(fns, 0.0)
     for fn in (*fns, *fns[::-1]):    # ABBA: drift falls on both sides
-        t[fn] += do_bench(fn, warmup=10, rep=30, return_mode="median")
+        t[fn] += do_bench(fn, warmup=10, rep=30, return_mode="median") / 2
     return t
 
 
@@ -434,7 +435,9 @@ def choose(key, run_ws, run_tma) -> bool:
                 torch.cuda.synchronize()
                 logger.warning("kernels: CUDA-graph timing of the kernel choice failed (%s); "
                             "timing eagerly from now on", err)
+        how = "graph" if t is not None else "eager"
         if t is None:
             t = _eager_times(fns)
         _CHOICE[key] = t[run_ws] < t[run_tma]
+        _CHOICE_MS[key] = (t[run_ws], t[run_tma], how)
     return _CHOICE[key]

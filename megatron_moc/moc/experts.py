@@ -221,9 +221,12 @@ class IRLExperts(nn.Module):
         """The update a_s·α·FFN_e(RMSNorm_e(h + x)) of one step on all rows."""
         return a_P1 * mlp(rms_norm(h + x, norm_w, eps), w13, w2, offsets_E1)
 
-    def _hard_step(self, mlp, w13, w2, h, x, norm_w, a_P1, active_P, expert_P, offsets_E1, eps):
+    def _hard_step(self, mlp, w13, w2, h, x, _norm_w, a_P1, active_P, expert_P, offsets_E1,
+                   eps):
         """One hard-mode step on the active rows only: compact them per expert (a stable
-        sort on (inactive, expert), all on the device), run the grouped MLP, scatter back."""
+        sort on (inactive, expert), all on the device), run the grouped MLP, scatter back.
+        _norm_w (the rows' RMSNorm_e weights, as `_soft_step` takes them) goes unused: the
+        compacted rows' weights are built from the [E, D] table instead of permuted."""
         P, E = h.shape[0], self.num_experts
         kept = torch.arange(P, device=h.device) < offsets_E1[-1]
         active = (active_P > 0) & kept
@@ -232,8 +235,10 @@ class IRLExperts(nn.Module):
         counts = torch.zeros(E, dtype=torch.long, device=h.device)
         counts.scatter_add_(0, expert_P, active.long())
         offsets = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
-        z = rms_norm(permute_rows(h, order, inverse) + permute_rows(x, order, inverse),
-                     permute_rows(norm_w, order, inverse), eps)
+        # One permute of h + x (its backward: one gather, the add hands the grad to both);
+        # the permuted rows' norm weights come from the [E, D] table, not a [P, D] permute.
+        z = rms_norm(permute_rows(h + x, order, inverse),
+                     rows_of(self.norm_weight, expert_P.index_select(0, order)), eps)
         out = mlp(z, w13, w2, offsets) * a_P1.index_select(0, order)
         return permute_rows(out, inverse, order)      # = zeros.index_copy(0, order, out)
 
