@@ -28,7 +28,6 @@ allows it (kernels/grouped_gemm.py; `choose` below).
 from __future__ import annotations
 
 import functools
-import logging
 import os
 
 import torch
@@ -50,7 +49,6 @@ except ImportError:          # Triton without Gluon (< 3.5) or no Triton: never 
 # and the TMA kernel times faster on its first call (`choose`); "on": this kernel wherever it
 # can run; "off": never.
 MODE = os.environ.get("MOC_GMM_WS", "auto")
-logger = logging.getLogger(__name__)
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, STAGES, consumers): one consumer warpgroup's tile. Its fp32
 # accumulator is BLOCK_M * BLOCK_N / 128 registers a thread, so 128 x 128 (or 64 x 256) is
@@ -373,33 +371,7 @@ def launch_gmm_ws(a, w2, c, offsets, n, k, e, trans_w, p_bucket, num_programs, c
 
 
 _CHOICE: dict[tuple, bool] = {}
-_CHOICE_MS: dict[tuple, tuple] = {}   # key -> (this kernel ms, TMA kernel ms, "graph" / "eager")
-_GRAPH_TIMING = [True]   # off after a failed capture: eager timing from then on
-
-
-def _graph_times(fns, calls=8, rounds=3):
-    """{fn: ms per call} from replays of one CUDA graph per fn (`calls` calls each), in ABBA
-    order, the median over rounds: the GPU time alone. Eager event timing of a ~0.2 ms GEMM also counts the host's
-    launch work (100-250 us of Python per Triton launch, docs/kernels_notes.md v12), which
-    the model's graphed train step does not pay. Each fn has run once (autotuned) before."""
-    graphs = {}
-    torch.cuda.synchronize()
-    for fn in fns:
-        graphs[fn] = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graphs[fn]):
-            for _ in range(calls):
-                fn()
-    t = {fn: [] for fn in fns}
-    for _ in range(rounds):
-        for fn in (*fns, *fns[::-1]):
-            graphs[fn].replay()          # warm: the timed replay starts from a busy GPU
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            graphs[fn].replay()
-            end.record()
-            end.synchronize()
-            t[fn].append(start.elapsed_time(end) / calls)
-    return {fn: sorted(v)[len(v) // 2] for fn, v in t.items()}
+_CHOICE_MS: dict[tuple, tuple] = {}   # key -> (this kernel ms, TMA kernel ms)
 
 
 def _eager_times(fns):
@@ -412,32 +384,21 @@ def _eager_times(fns):
 
 def choose(key, run_ws, run_tma) -> bool:
     """Whether GEMMs of this key (shape bucket, dtype, device) run on this kernel: "on" /
-    "off" decide outright; "auto" times both kernels once and keeps the faster. Each is run
-    once first (its autotuner picks its config, eagerly), then both are timed in CUDA graphs
-    (`_graph_times`; eager do_bench medians if a capture fails). Neither kernel wins
-    everywhere: at the session 8 shapes this one wins short-K GEMMs (its epilogue overlaps
-    the other consumer's main loop), the TMA kernel's 128 x 256 tiles the long-K ones.
-    During CUDA-graph capture an untimed key takes the TMA kernel (timing cannot run there)."""
+    "off" decide outright; "auto" times both kernels once (each autotuned first, CUDA-event
+    medians with the L2 flushed, ABBA order) and keeps the faster; the times stay in
+    _CHOICE_MS (bench_grouped_gemm prints them). Neither kernel wins everywhere: at the
+    session 8 shapes this one wins short-K GEMMs (its epilogue overlaps the other consumer's
+    main loop), the TMA kernel's 128 x 256 tiles the long-K ones. During CUDA-graph capture
+    an untimed key takes the TMA kernel (timing cannot run there). Timing the choice in CUDA
+    graphs instead was tried and reverted (docs/kernels_notes.md, v13): the first call of a
+    key often comes from autograd's backward thread, where a TMA descriptor built after the
+    capture failed ("invalid device context")."""
     if MODE != "auto":
         return MODE == "on"
     if key not in _CHOICE:
         if torch.cuda.is_current_stream_capturing():
             return False
-        fns = (run_ws, run_tma)
-        for fn in fns:
-            fn()
-        t = None
-        if _GRAPH_TIMING[0]:
-            try:
-                t = _graph_times(fns)
-            except RuntimeError as err:   # a launch path that cannot be captured
-                _GRAPH_TIMING[0] = False
-                torch.cuda.synchronize()
-                logger.warning("kernels: CUDA-graph timing of the kernel choice failed (%s); "
-                            "timing eagerly from now on", err)
-        how = "graph" if t is not None else "eager"
-        if t is None:
-            t = _eager_times(fns)
+        t = _eager_times((run_ws, run_tma))
         _CHOICE[key] = t[run_ws] < t[run_tma]
-        _CHOICE_MS[key] = (t[run_ws], t[run_tma], how)
+        _CHOICE_MS[key] = (t[run_ws], t[run_tma])
     return _CHOICE[key]

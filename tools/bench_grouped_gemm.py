@@ -470,9 +470,9 @@ def autotune_report():
         tuner = getattr(mod, name, None)
         for key, cfg in getattr(tuner, "cache", {}).items():
             lines.append(f"{mod.__name__}.{name} key={key} best={cfg}")
-    for key, (t_ws, t_tma, how) in ws._CHOICE_MS.items():
+    for key, (t_ws, t_tma) in ws._CHOICE_MS.items():
         lines.append(f"ws.choose key={key} ws {t_ws * 1e3:.1f} us, tma {t_tma * 1e3:.1f} us "
-                     f"({how}) -> {'ws' if ws._CHOICE[key] else 'tma'}")
+                     f"(eager) -> {'ws' if ws._CHOICE[key] else 'tma'}")
     return lines
 
 
