@@ -43,6 +43,8 @@ idle programs return at once.
 """
 from __future__ import annotations
 
+import threading
+
 import torch
 
 from kernels import grouped_gemm_tma as tma
@@ -266,7 +268,24 @@ def _prec(dtype):
     return "tf32" if torch.backends.cuda.matmul.allow_tf32 and not _interpreting() else "ieee"
 
 
+_THREAD = threading.local()
+
+
+def _bind_cuda_context(t):
+    """Make t's device's primary CUDA context current in this thread, once per thread.
+    Autograd runs backward on a thread of its own; Triton launches through the driver API,
+    which needs a current context, and torch's runtime calls make it current only lazily.
+    When our kernel was the first CUDA work of that thread, the launch failed ("Failed to
+    create tensor map descriptor: invalid device context", or "Pointer argument cannot be
+    accessed from Triton"; session 10, H200, with dense upstream grads). cudaMemGetInfo is a
+    runtime call that binds the context and does not touch a stream (legal under capture)."""
+    if t.is_cuda and not getattr(_THREAD, "bound", False):
+        torch.cuda.mem_get_info(t.device)
+        _THREAD.bound = True
+
+
 def _check(a, w, offsets, gather_index, k_dim):
+    _bind_cuda_context(a)
     if a.dim() != 2 or w.dim() != 3:
         raise ValueError(f"expected a [T, K] and w [E, ., .], got {tuple(a.shape)}, "
                          f"{tuple(w.shape)}")
