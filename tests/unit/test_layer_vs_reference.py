@@ -86,22 +86,25 @@ def grads_in_our_layout(ref, cfg):
     return convert_state_dict(grads, cfg, source="oracle grads")
 
 
-def check_case(kind, overrides, dtype, rtol, atol, backend="auto", tokens=24):
+def check_case(kind, overrides, dtype, rtol, atol, backend="auto", tokens=24, device="cpu"):
+    """The oracle runs on the CPU; our layer runs on `device` (the Triton backend needs CUDA
+    tensors unless TRITON_INTERPRET is set) and is compared back on the CPU."""
     ref, ours, cfg = build_pair(kind, overrides, dtype, backend)
+    ours.to(device)
     is_moc = cfg.has_experts
     torch.manual_seed(1)
     x = torch.randn(tokens, BASE["d_model"], dtype=dtype)
-    x_ref, x_ours = x.clone().requires_grad_(), x.clone().requires_grad_()
+    x_ref, x_ours = x.clone().requires_grad_(), x.clone().to(device).requires_grad_()
     probe = torch.randn(tokens, BASE["d_model"], dtype=dtype)
 
     ref_out, ref_aux, _, _, ref_layer = layer_outputs(ref, ours, x_ref, is_moc)
     _, _, our_out, our_aux, _ = layer_outputs(ref, ours, x_ours, is_moc)
-    torch.testing.assert_close(our_out, ref_out, rtol=rtol, atol=atol)
-    torch.testing.assert_close(our_aux.to(dtype), ref_aux.to(dtype), rtol=rtol, atol=atol)
+    torch.testing.assert_close(our_out.cpu(), ref_out, rtol=rtol, atol=atol)
+    torch.testing.assert_close(our_aux.cpu().to(dtype), ref_aux.to(dtype), rtol=rtol, atol=atol)
 
     ((ref_out * probe).sum() + 3.0 * ref_aux.to(dtype)).backward()
-    ((our_out * probe).sum() + 3.0 * our_aux.to(dtype)).backward()
-    torch.testing.assert_close(x_ours.grad, x_ref.grad, rtol=rtol, atol=atol)
+    ((our_out * probe.to(device)).sum() + 3.0 * our_aux.to(dtype)).backward()
+    torch.testing.assert_close(x_ours.grad.cpu(), x_ref.grad, rtol=rtol, atol=atol)
     expected = grads_in_our_layout(ref, cfg)
     checked = 0
     for name, p in ours.named_parameters():
@@ -110,7 +113,7 @@ def check_case(kind, overrides, dtype, rtol, atol, backend="auto", tokens=24):
         if p.grad is None:  # e.g. hard-mode gates: argmax has no gradient
             assert not expected[name].any(), f"{name} got no gradient, the oracle's is nonzero"
             continue
-        torch.testing.assert_close(p.grad, expected[name], rtol=rtol, atol=atol,
+        torch.testing.assert_close(p.grad.cpu(), expected[name], rtol=rtol, atol=atol,
                                    msg=lambda m, n=name: f"{n}: {m}")
         checked += 1
     assert checked > 0
