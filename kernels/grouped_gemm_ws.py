@@ -13,6 +13,13 @@ GEMMs use:
   while the other's wgmma main loop keeps the tensor cores busy. Their main loops alternate
   through an order barrier (`turn`), which also keeps the ring's parity waits sound.
 
+Or, "cooperative" (CUTLASS's other sm90 schedule): both consumer warpgroups work on every tile,
+each on one half of its rows (SUB_M = BLOCK_M / 2), so a tile can be 128 x 256 (or 256 x 128)
+with each warpgroup's accumulator still 128 registers a thread. The larger tile loads fewer
+bytes per FLOP (85 against 64 for 128 x 128), which the long-K GEMMs need; the epilogue is no
+longer hidden, which the short-K ones need. Both consumers release each ring slot (the
+`empty` barrier counts two arrivals).
+
 Same contract as `launch_gmm_tma` with EPILOGUE 0 or 1 (SwiGLU forward) and no gather:
 C[rows_e] = A[rows_e] @ W[e] (W[e]^T with B_TRANS), rows sorted by expert, device-side int64 offsets, no host sync. The
 tile map is the TMA kernel's (GROUP_M swizzle over row tiles that never cross an expert end);
@@ -50,15 +57,19 @@ except ImportError:          # Triton without Gluon (< 3.5) or no Triton: never 
 # can run; "off": never.
 MODE = os.environ.get("MOC_GMM_WS", "auto")
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, STAGES, consumers): one consumer warpgroup's tile. Its fp32
-# accumulator is BLOCK_M * BLOCK_N / 128 registers a thread, so 128 x 128 (or 64 x 256) is
-# the largest. consumers=1 is plain producer / consumer (no ping-pong): it won W13 dgrad
-# (8, 768, 2048) in the session 8 sweep (docs/benchmarks.md), the two-consumer tiles the rest.
+# (BLOCK_M, BLOCK_N, BLOCK_K, STAGES, consumers). consumers: 2 ping-pong, 1 plain producer /
+# consumer, COOP two consumers on one tile. A consumer warpgroup's fp32 accumulator is
+# rows * BLOCK_N / 128 registers a thread (rows = BLOCK_M, or BLOCK_M / 2 with COOP), so
+# 128 x 128 (or 64 x 256) is the largest a consumer can hold. consumers=1 won W13 dgrad
+# (8, 768, 2048) in the session 8 sweep (docs/benchmarks.md), the ping-pong tiles the other
+# short-K GEMMs; the COOP tiles are for long K (v14). Shared memory: STAGES * (BLOCK_M +
+# BLOCK_N) * BLOCK_K * 2 bytes + the two epilogue tiles, at most 227 KiB.
+COOP = "coop"
 CONFIGS = [(128, 128, 64, 4, 2), (128, 128, 64, 5, 2), (64, 256, 64, 4, 2), (128, 128, 32, 8, 2),
-           (128, 128, 64, 4, 1)]
+           (128, 128, 64, 4, 1), (128, 256, 64, 3, COOP), (256, 128, 64, 3, COOP)]
 # SwiGLU forward: gate and up accumulators of BLOCK_N columns each (2 x 64 registers).
 SWIGLU_CONFIGS = [(128, 64, 64, 4, 2), (128, 64, 64, 6, 2), (64, 128, 64, 4, 2),
-                  (128, 64, 64, 4, 1)]
+                  (128, 64, 64, 4, 1), (128, 128, 64, 4, COOP)]
 _NUM_REGS = (232, 40)        # consumer 1, producer (the default partition gets the rest)
 _MAXNREG = 168               # 12 warps (3 warpgroups) x 168 x 32 <= 64K registers
 
@@ -117,15 +128,16 @@ if gluon is not None:
         return g, row0, row_end, pid_n * BLOCK_N
 
     @gluon.jit
-    def ring_barriers(STAGES: gl.constexpr):
-        """The ring's `ready` / `empty` mbarriers (one per slot) and the consumers' `turn`
-        pair (the order barrier), initialized (also used by the wgrad twin)."""
+    def ring_barriers(STAGES: gl.constexpr, RELEASES: gl.constexpr):
+        """The ring's `ready` / `empty` mbarriers (one per slot; `empty` completes after
+        RELEASES consumer arrivals) and the consumers' `turn` pair (the order barrier),
+        initialized (also used by the wgrad twin)."""
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         for s in gl.static_range(STAGES):
             mbarrier.init(ready.index(s), count=1)
-            mbarrier.init(empty.index(s), count=1)
+            mbarrier.init(empty.index(s), count=RELEASES)
         for c in gl.static_range(2):
             mbarrier.init(turn.index(c), count=1)
         return ready, empty, turn
@@ -134,7 +146,8 @@ if gluon is not None:
     def _load_partition(descs, bufs, bars, scal, WHICH: gl.constexpr, B_TRANS: gl.constexpr,
                         EPILOGUE: gl.constexpr, STORE_PRE: gl.constexpr, BLOCK_M: gl.constexpr,
                         BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, GROUP_M: gl.constexpr,
-                        STAGES: gl.constexpr, CONSUMERS: gl.constexpr):
+                        STAGES: gl.constexpr, CONSUMERS: gl.constexpr, PINGPONG: gl.constexpr,
+                        SUB_M: gl.constexpr):
         """Producer: every tile of this program in order, k steps in order, into the ring."""
         a_desc, b_desc, c_desc = descs
         a_bufs, b_bufs, c_bufs = bufs
@@ -174,9 +187,11 @@ if gluon is not None:
     def _mma_partition(descs, bufs, bars, scal, WHICH: gl.constexpr, B_TRANS: gl.constexpr,
                        EPILOGUE: gl.constexpr, STORE_PRE: gl.constexpr, BLOCK_M: gl.constexpr,
                        BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, GROUP_M: gl.constexpr,
-                       STAGES: gl.constexpr, CONSUMERS: gl.constexpr):
-        """Consumer WHICH (0 or 1): the program's local tiles WHICH, WHICH + 2, ...; wgmma
-        over the ring slots the producer filled, then the epilogue for its own tile.
+                       STAGES: gl.constexpr, CONSUMERS: gl.constexpr, PINGPONG: gl.constexpr,
+                       SUB_M: gl.constexpr):
+        """Consumer WHICH (0 or 1). Ping-pong: the program's local tiles WHICH, WHICH + 2, ...;
+        cooperative (SUB_M < BLOCK_M): rows [WHICH * SUB_M, (WHICH + 1) * SUB_M) of every
+        tile. wgmma over the ring slots the producer filled, then the epilogue of its rows.
         EPILOGUE 1 (SwiGLU): two accumulators, gate and up columns of the same tile; the
         epilogue writes h = silu(gate) * up and, with STORE_PRE, the pre-activation."""
         a_desc, b_desc, c_desc = descs
@@ -185,46 +200,58 @@ if gluon is not None:
         c_ptr, pre_ptr, off_ptr, N, K, E, stride_cm, stride_pm = scal
         acc_layout: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
+        COOP: gl.constexpr = SUB_M < BLOCK_M
         num_m = _row_tiles(off_ptr, E, BLOCK_M)
         num_n = gl.cdiv(N, BLOCK_N)
         k_tiles = gl.cdiv(K, BLOCK_K)
         nprog = gl.num_programs(0)
         c_smem = c_bufs.index(WHICH)
-        local = WHICH
-        for tile in range(gl.program_id(0) + WHICH * nprog, num_m * num_n, CONSUMERS * nprog):
+        if PINGPONG:                      # local tiles WHICH, WHICH + 2, ...
+            local = WHICH
+            first = gl.program_id(0) + WHICH * nprog
+            local_step = 2
+        else:                             # every local tile (one consumer, or cooperative)
+            local = WHICH - WHICH
+            first = gl.program_id(0)
+            local_step = 1
+        for tile in range(first, num_m * num_n, local_step * nprog):
             g, row0, row_end, n0 = _tile_of(tile, num_m, num_n, off_ptr, E, BLOCK_M, BLOCK_N,
                                             GROUP_M)
             it = local * k_tiles          # the ring position of this tile's first k step
-            if CONSUMERS == 2:
+            if COOP:                      # this consumer's rows of the tile
+                row0 = row0 + WHICH * SUB_M
+            if PINGPONG:
                 # Main loops strictly alternate between the consumers (CUTLASS's "order
                 # barrier"). Besides the schedule this keeps the ring's parity waits sound:
                 # a consumer only waits on a slot whose previous use the other one has
                 # already taken, so it never sees a phase two uses old as "ready".
                 mbarrier.wait(turn.index(WHICH), ((local // 2) & 1) ^ (1 - WHICH))
-            acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, acc_layout)
+            acc = gl.zeros([SUB_M, BLOCK_N], gl.float32, acc_layout)
             if EPILOGUE == 1:
-                acc_up = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, acc_layout)
+                acc_up = gl.zeros([SUB_M, BLOCK_N], gl.float32, acc_layout)
             for kk in range(k_tiles):
                 s = it % STAGES
                 mbarrier.wait(ready.index(s), (it // STAGES) & 1)
+                if COOP:
+                    a = a_bufs.index(s).slice(WHICH * SUB_M, SUB_M)
+                else:
+                    a = a_bufs.index(s)
                 # one step's wgmmas in flight: when the previous step's have finished, its
                 # slot is read and goes back to the producer
                 if EPILOGUE == 1:
-                    acc = warpgroup_mma(a_bufs.index(s), b_bufs.index(2 * s), acc,
-                                        is_async=True)
-                    acc_up = warpgroup_mma(a_bufs.index(s), b_bufs.index(2 * s + 1), acc_up,
-                                           is_async=True)
+                    acc = warpgroup_mma(a, b_bufs.index(2 * s), acc, is_async=True)
+                    acc_up = warpgroup_mma(a, b_bufs.index(2 * s + 1), acc_up, is_async=True)
                     acc, acc_up = warpgroup_mma_wait(num_outstanding=2, deps=(acc, acc_up))
                 else:
                     if B_TRANS:
                         b = b_bufs.index(s).permute((1, 0))
                     else:
                         b = b_bufs.index(s)
-                    acc = warpgroup_mma(a_bufs.index(s), b, acc, is_async=True)
+                    acc = warpgroup_mma(a, b, acc, is_async=True)
                     acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
                 mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES), pred=kk > 0)
                 it += 1
-            if CONSUMERS == 2:            # the other consumer's main loop may start
+            if PINGPONG:                  # the other consumer's main loop may start
                 mbarrier.arrive(turn.index(1 - WHICH))
             if EPILOGUE == 1:
                 acc, acc_up = warpgroup_mma_wait(num_outstanding=0, deps=(acc, acc_up))
@@ -232,7 +259,7 @@ if gluon is not None:
                 acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
             mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES))
             if EPILOGUE == 1:             # pointer stores, masked at the expert's end
-                rm = row0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, acc_layout))
+                rm = row0 + gl.arange(0, SUB_M, layout=gl.SliceLayout(1, acc_layout))
                 rn = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, acc_layout))
                 mask = (rm < row_end)[:, None] & (rn < N)[None, :]
                 if STORE_PRE:
@@ -242,7 +269,7 @@ if gluon is not None:
                 h = acc / (1.0 + gl.exp(-acc)) * acc_up
                 gl.store(c_ptr + rm[:, None] * stride_cm + rn[None, :], h.to(c_desc.dtype),
                          mask=mask)
-            elif row0 + BLOCK_M <= row_end:
+            elif row0 + SUB_M <= row_end:
                 out = acc.to(c_desc.dtype)
                 tma.store_wait(0)         # this consumer's last store has left c_smem
                 c_smem.store(out)
@@ -250,11 +277,11 @@ if gluon is not None:
                 _tma_store(c_desc, [row0.to(gl.int32), n0], c_smem)
             else:                         # the expert's last tile: masked, by pointer
                 out = acc.to(c_desc.dtype)
-                rm = row0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, acc_layout))
+                rm = row0 + gl.arange(0, SUB_M, layout=gl.SliceLayout(1, acc_layout))
                 rn = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, acc_layout))
                 mask = (rm < row_end)[:, None] & (rn < N)[None, :]
                 gl.store(c_ptr + rm[:, None] * stride_cm + rn[None, :], out, mask=mask)
-            local += CONSUMERS
+            local += local_step
         tma.store_wait(0)
 
     @gluon.jit
@@ -263,17 +290,19 @@ if gluon is not None:
                        STORE_PRE: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                        BLOCK_K: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr,
                        MMA_REGS: gl.constexpr, LOAD_REGS: gl.constexpr,
-                       CONSUMERS: gl.constexpr):
+                       CONSUMERS: gl.constexpr, PINGPONG: gl.constexpr, SUB_M: gl.constexpr):
         """C[rows_g] = A[rows_g] @ B[g] (see the module docstring); EPILOGUE 1: SwiGLU, W has
-        2N columns (gate | up), C = silu(gate) * up, pre [P, 2N] with STORE_PRE."""
+        2N columns (gate | up), C = silu(gate) * up, pre [P, 2N] with STORE_PRE.
+        CONSUMERS: consumer warpgroups (1 or 2); PINGPONG: they take alternate tiles, else
+        (2, cooperative) each takes SUB_M = BLOCK_M / 2 rows of every tile."""
         B_PER_STAGE: gl.constexpr = 2 if EPILOGUE == 1 else 1
         a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BLOCK_M, BLOCK_K],
                                            a_desc.layout)
         b_bufs = gl.allocate_shared_memory(b_desc.dtype,
                                            [STAGES * B_PER_STAGE] + b_desc.block_type.shape,
                                            b_desc.layout)
-        c_bufs = gl.allocate_shared_memory(c_desc.dtype, [2, BLOCK_M, BLOCK_N], c_desc.layout)
-        ready, empty, turn = ring_barriers(STAGES)
+        c_bufs = gl.allocate_shared_memory(c_desc.dtype, [2, SUB_M, BLOCK_N], c_desc.layout)
+        ready, empty, turn = ring_barriers(STAGES, 2 if SUB_M < BLOCK_M else 1)
         descs = (a_desc, b_desc, c_desc)
         bufs = (a_bufs, b_bufs, c_bufs)
         bars = (ready, empty, turn)
@@ -281,18 +310,23 @@ if gluon is not None:
         if CONSUMERS == 2:
             gl.warp_specialize([
                 (_mma_partition, (descs, bufs, bars, scal, 0, B_TRANS, EPILOGUE, STORE_PRE,
-                                  BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, STAGES, CONSUMERS)),
+                                  BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, STAGES, CONSUMERS, PINGPONG,
+                                  SUB_M)),
                 (_mma_partition, (descs, bufs, bars, scal, 1, B_TRANS, EPILOGUE, STORE_PRE,
-                                  BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, STAGES, CONSUMERS)),
+                                  BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, STAGES, CONSUMERS, PINGPONG,
+                                  SUB_M)),
                 (_load_partition, (descs, bufs, bars, scal, 0, B_TRANS, EPILOGUE, STORE_PRE,
-                                   BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, STAGES, CONSUMERS)),
+                                   BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, STAGES, CONSUMERS, PINGPONG,
+                                  SUB_M)),
             ], [4, 1], [MMA_REGS, LOAD_REGS])
         else:   # one consumer: producer / consumer only (no ping-pong)
             gl.warp_specialize([
                 (_mma_partition, (descs, bufs, bars, scal, 0, B_TRANS, EPILOGUE, STORE_PRE,
-                                  BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, STAGES, CONSUMERS)),
+                                  BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, STAGES, CONSUMERS, PINGPONG,
+                                  SUB_M)),
                 (_load_partition, (descs, bufs, bars, scal, 0, B_TRANS, EPILOGUE, STORE_PRE,
-                                   BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, STAGES, CONSUMERS)),
+                                   BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, STAGES, CONSUMERS, PINGPONG,
+                                  SUB_M)),
             ], [1], [LOAD_REGS])
 
 
@@ -327,14 +361,21 @@ def _size_blocks(nargs):
     bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
     _set_block(nargs["a_desc"], (bm, bk))
     _set_block(nargs["b_desc"], (bn, bk) if nargs["B_TRANS"] else (bk, bn))
-    _set_block(nargs["c_desc"], (bm, bn))
+    _set_block(nargs["c_desc"], (nargs["SUB_M"], bn))
 
 
 def config(bm, bn, bk, stages, consumers=2, mma_regs=_NUM_REGS[0], load_regs=_NUM_REGS[1]):
-    """A triton.Config of this kernel (also for fixed-config benchmark sweeps)."""
+    """A triton.Config of this kernel (also for fixed-config benchmark sweeps); consumers 1,
+    2 (ping-pong) or COOP."""
+    if consumers not in (1, 2, COOP):
+        raise ValueError(f"grouped_gemm_ws.config: consumers must be 1, 2 or {COOP!r}, "
+                         f"got {consumers!r}")
+    coop = consumers == COOP
+    parts = 1 if consumers == 1 else 2
     return triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, STAGES=stages,
-                              MMA_REGS=mma_regs, LOAD_REGS=load_regs, CONSUMERS=consumers),
-                         num_warps=4, maxnreg=_MAXNREG if consumers == 2 else None,
+                              MMA_REGS=mma_regs, LOAD_REGS=load_regs, CONSUMERS=parts,
+                              PINGPONG=consumers == 2, SUB_M=bm // 2 if coop else bm),
+                         num_warps=4, maxnreg=_MAXNREG if parts == 2 else None,
                          pre_hook=_size_blocks)
 
 

@@ -163,7 +163,7 @@ if ws.gluon is not None:
                                            a_desc.layout)
         b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES, BLOCK_R, BLOCK_N],
                                            b_desc.layout)
-        ready, empty, turn = ws.ring_barriers(STAGES)
+        ready, empty, turn = ws.ring_barriers(STAGES, 1)
         descs = (a_desc, b_desc)
         bufs = (a_bufs, b_bufs)
         bars = (ready, empty, turn)

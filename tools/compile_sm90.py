@@ -137,7 +137,7 @@ def main(argv=None) -> int:
         print("compile_sm90: this Triton has no Gluon; nothing to check")
         return 0
     plain = ws.CONFIGS if args.all else ws.CONFIGS[:1] + ws.CONFIGS[-1:]
-    swiglu = ws.SWIGLU_CONFIGS if args.all else ws.SWIGLU_CONFIGS[:1]
+    swiglu = ws.SWIGLU_CONFIGS if args.all else ws.SWIGLU_CONFIGS[:1] + ws.SWIGLU_CONFIGS[-1:]
     from kernels import grouped_gemm_ws_wgrad as wsw
     wgrad = wsw.CONFIGS if args.all else wsw.CONFIGS[:1] + wsw.CONFIGS[-1:]
     jobs = ([(f"epilogue 0 trans 0 {c}", compile_ws, (0, False, c)) for c in plain]

@@ -65,18 +65,18 @@ def build_pair(kind, overrides, dtype, backend="auto", seed=0):
     return ref, ours, cfg
 
 
-def layer_outputs(ref, ours, x, is_moc):
-    ref_layer = ref.transformer.h[0].feed_forward
-    our_layer = ours.decoder.layers[0].mlp
-    if is_moc:
-        ref_out, ref_aux = ref_layer(x)
-        our_out, _ = our_layer(x)
-        our_aux = our_layer.last_aux_loss
-    else:
-        ref_out, _ = ref_layer(x)
-        our_out, _ = our_layer(x)
-        ref_aux = our_aux = torch.zeros((), dtype=x.dtype)
-    return ref_out, ref_aux, our_out, our_aux, ref_layer
+def ref_layer_outputs(ref, x, is_moc):
+    """(output, aux loss, layer) of the oracle's first feed-forward."""
+    layer = ref.transformer.h[0].feed_forward
+    out, aux = layer(x)
+    return out, (aux if is_moc else torch.zeros((), dtype=x.dtype)), layer
+
+
+def our_layer_outputs(ours, x, is_moc):
+    """(output, aux loss) of our first MLP / MoC layer."""
+    layer = ours.decoder.layers[0].mlp
+    out, _ = layer(x)
+    return out, (layer.last_aux_loss if is_moc else torch.zeros((), dtype=x.dtype))
 
 
 def grads_in_our_layout(ref, cfg):
@@ -97,8 +97,8 @@ def check_case(kind, overrides, dtype, rtol, atol, backend="auto", tokens=24, de
     x_ref, x_ours = x.clone().requires_grad_(), x.clone().to(device).requires_grad_()
     probe = torch.randn(tokens, BASE["d_model"], dtype=dtype)
 
-    ref_out, ref_aux, _, _, ref_layer = layer_outputs(ref, ours, x_ref, is_moc)
-    _, _, our_out, our_aux, _ = layer_outputs(ref, ours, x_ours, is_moc)
+    ref_out, ref_aux, ref_layer = ref_layer_outputs(ref, x_ref, is_moc)
+    our_out, our_aux = our_layer_outputs(ours, x_ours, is_moc)
     torch.testing.assert_close(our_out.cpu(), ref_out, rtol=rtol, atol=atol)
     torch.testing.assert_close(our_aux.cpu().to(dtype), ref_aux.to(dtype), rtol=rtol, atol=atol)
 
