@@ -165,4 +165,5 @@ def test_ws_kernel_compiles_for_sm90_without_a_gpu(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(root, "tools", "compile_sm90.py")],
                        capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr[-3000:]
-    assert r.stdout.count("spill bytes 0") == 9, r.stdout
+    # first and last config of each kind: 2 plain x 2 layouts + 2 SwiGLU + 2 wgrad x 2 addends
+    assert r.stdout.count("spill bytes 0") == 10, r.stdout
