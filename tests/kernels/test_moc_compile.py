@@ -12,7 +12,7 @@ import tests.unit.test_layer_vs_reference as oracle
 # moe_drops / heavy_drops: capacity drops and tokens with every pair dropped, so the gather
 # and masks the combiners took over from the layer glue (mediator.token_states) run compiled
 @pytest.mark.parametrize("case", ["soft_S2_R2", "hard_S2_R2", "moe_drops", "heavy_drops"])
-def test_compiled_layer_matches_oracle(megatron_world, monkeypatch, case):
+def test_compiled_layer_matches_oracle(megatron_world, device, monkeypatch, case):
     from torch._dynamo.utils import counters
 
     from megatron_moc.model.compile import compile_regions
@@ -29,7 +29,8 @@ def test_compiled_layer_matches_oracle(megatron_world, monkeypatch, case):
     torch._dynamo.reset()
     counters.clear()
     kind, overrides = oracle.CASES[case]
-    oracle.check_case(kind, overrides, torch.float32, rtol=1e-4, atol=1e-5, backend="triton")
+    oracle.check_case(kind, overrides, torch.float32, rtol=1e-4, atol=1e-5, backend="triton",
+                      device=device)
     assert {"decoder.layers.0.mlp.router", "decoder.layers.0.mlp.experts",
             "decoder.layers.0.mlp.combiner"} <= set(compiled)
     assert counters["stats"]["unique_graphs"] >= 3
