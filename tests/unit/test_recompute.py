@@ -36,6 +36,6 @@ def test_mediator_rounds_rerun_in_backward(monkeypatch):
     _with_config(monkeypatch, moc_recompute="mediator")
     kind, overrides = oracle.CASES["soft_S2_R2"]
     oracle.check_case(kind, overrides, torch.float64, rtol=1e-6, atol=1e-9)
-    # check_case runs our layer forward twice (R = 2 rounds each) and backward once, which
-    # reruns the 2 rounds of that forward: 2·2 + 2 (it would be 4 without recompute)
-    assert len(calls) == 2 * 2 + 2
+    # check_case runs our layer forward once (R = 2 rounds) and backward once, which reruns
+    # those 2 rounds: 2 + 2 (it would be 2 without recompute)
+    assert len(calls) == 2 + 2
