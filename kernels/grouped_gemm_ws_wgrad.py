@@ -16,6 +16,17 @@ store) runs under the other's wgmma main loop. What differs from the forward ker
   kernels/grouped_gemm.py `WeightGradAccumulator`) or from zero; experts without rows store
   it as it is. The store is by pointer, masked at K and N, in C's dtype (fp32 or bf16).
 
+Or cooperative (`consumers = ws.COOP`, the forward kernel's other schedule): both consumer
+warpgroups work on every tile, each on one half of its K rows (SUB_K = BLOCK_K / 2), so a
+tile can be 256 x 128 or 128 x 256 (fewer bytes loaded per FLOP: the wgrads reduce over
+thousands of rows, the long-K regime where the forward kernel's COOP tiles won, v14). The A
+chunk is loaded as two TMA boxes, one per consumer's half: a wgrad's A is sliced along its
+contiguous dimension, which a swizzled slot cannot be sliced along. The dY chunk is shared:
+on a partial chunk both consumers zero its tail rows, each before its own wgmma. That is a
+race between writes of identical values (a row below the end is stored back unchanged,
+one past it as zero, by either), so neither needs to wait for the other's stores: its own
+have already made the whole slot right.
+
 Same contract as `grouped_gemm_tma.launch_wgrad_tma` without a gather (a gathered wgrad
 copies its rows first). sm90 and bf16 / fp16 only (`grouped_gemm_ws.available`); tested on
 the GPU (tests/kernels/test_grouped_gemm_ws.py) and compiled on the CPU by
@@ -35,10 +46,12 @@ if ws.gluon is not None:
     # Triton 3.7+ names the CTA barrier `barrier`; 3.6 has only `thread_barrier`.
     _barrier = getattr(gl, "barrier", None) or gl.thread_barrier
 
-# (BLOCK_K, BLOCK_N, BLOCK_R, STAGES, consumers): one consumer's output tile BLOCK_K x
-# BLOCK_N (fp32 accumulator: 128 registers a thread at 128 x 128), reduced BLOCK_R rows a step.
+# (BLOCK_K, BLOCK_N, BLOCK_R, STAGES, consumers): an output tile BLOCK_K x BLOCK_N, reduced
+# BLOCK_R rows a step; consumers 1, 2 (ping-pong: a consumer's tile is the whole tile, fp32
+# accumulator 128 registers a thread at 128 x 128) or ws.COOP (each consumer half the K rows).
+# Shared memory STAGES * (BLOCK_K + BLOCK_N) * BLOCK_R * 2 bytes, at most 227 KiB.
 CONFIGS = [(128, 128, 64, 4, 2), (128, 128, 64, 5, 2), (64, 256, 64, 4, 2), (128, 128, 32, 8, 2),
-           (128, 128, 64, 4, 1)]
+           (128, 128, 64, 4, 1), (128, 256, 64, 4, ws.COOP), (256, 128, 64, 4, ws.COOP)]
 
 if ws.gluon is not None:
     @gluon.jit
@@ -63,7 +76,7 @@ if ws.gluon is not None:
     def _load_partition(descs, bufs, bars, scal, WHICH: gl.constexpr,
                         ACCUMULATE: gl.constexpr, BLOCK_K: gl.constexpr, BLOCK_N: gl.constexpr,
                         BLOCK_R: gl.constexpr, GROUP_K: gl.constexpr, STAGES: gl.constexpr,
-                        CONSUMERS: gl.constexpr):
+                        CONSUMERS: gl.constexpr, PINGPONG: gl.constexpr, SUB_K: gl.constexpr):
         """Producer: every chunk of every tile of this program, in order, into the ring."""
         a_desc, b_desc = descs
         a_bufs, b_bufs = bufs
@@ -71,7 +84,8 @@ if ws.gluon is not None:
         c_ptr, acc_ptr, off_ptr, K, N, E, stride_ce, stride_ck = scal
         num_k = gl.cdiv(K, BLOCK_K)
         num_n = gl.cdiv(N, BLOCK_N)
-        nbytes: gl.constexpr = a_desc.block_type.nbytes + b_desc.block_type.nbytes
+        A_SPLIT: gl.constexpr = BLOCK_K // SUB_K     # A boxes per slot: 2 cooperative
+        nbytes: gl.constexpr = a_desc.block_type.nbytes * A_SPLIT + b_desc.block_type.nbytes
         it = 0
         for tile in range(gl.program_id(0), E * num_k * num_n, gl.num_programs(0)):
             e, start, end, chunks, pid_k, pid_n = _tile_of(tile, num_k, num_n, off_ptr,
@@ -82,7 +96,9 @@ if ws.gluon is not None:
                 bar = ready.index(s)
                 mbarrier.expect(bar, nbytes)
                 r = (start + c * BLOCK_R).to(gl.int32)
-                _tma_load(a_desc, [r, pid_k * BLOCK_K], bar, a_bufs.index(s))
+                for h in gl.static_range(A_SPLIT):
+                    _tma_load(a_desc, [r, pid_k * BLOCK_K + h * SUB_K], bar,
+                              a_bufs.index(A_SPLIT * s + h))
                 _tma_load(b_desc, [r, pid_n * BLOCK_N], bar, b_bufs.index(s))
                 it += 1
 
@@ -98,14 +114,17 @@ if ws.gluon is not None:
     def _mma_partition(descs, bufs, bars, scal, WHICH: gl.constexpr,
                        ACCUMULATE: gl.constexpr, BLOCK_K: gl.constexpr, BLOCK_N: gl.constexpr,
                        BLOCK_R: gl.constexpr, GROUP_K: gl.constexpr, STAGES: gl.constexpr,
-                       CONSUMERS: gl.constexpr):
-        """Consumer WHICH: the program's local tiles WHICH, WHICH + 2, ...: accumulator from
-        the addend (or zero), wgmma over the expert's chunks, then the masked store."""
+                       CONSUMERS: gl.constexpr, PINGPONG: gl.constexpr, SUB_K: gl.constexpr):
+        """Consumer WHICH. Ping-pong: the program's local tiles WHICH, WHICH + 2, ...;
+        cooperative (SUB_K < BLOCK_K): K rows [WHICH * SUB_K, (WHICH + 1) * SUB_K) of every
+        tile. Accumulator from the addend (or zero), wgmma over the expert's chunks, then the
+        masked store of its rows."""
         a_bufs, b_bufs = bufs
         ready, empty, turn = bars
         c_ptr, acc_ptr, off_ptr, K, N, E, stride_ce, stride_ck = scal
         acc_layout: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
+        A_SPLIT: gl.constexpr = BLOCK_K // SUB_K
         num_k = gl.cdiv(K, BLOCK_K)
         num_n = gl.cdiv(N, BLOCK_N)
         nprog = gl.num_programs(0)
@@ -114,34 +133,40 @@ if ws.gluon is not None:
         for tile in range(gl.program_id(0), E * num_k * num_n, nprog):
             e, start, end, chunks, pid_k, pid_n = _tile_of(tile, num_k, num_n, off_ptr,
                                                            BLOCK_R, GROUP_K)
-            if local % CONSUMERS == WHICH:
-                rk = pid_k * BLOCK_K + gl.arange(0, BLOCK_K, layout=gl.SliceLayout(1, acc_layout))
+            if PINGPONG:
+                mine = local % 2 == WHICH
+            else:           # every tile: one consumer, or cooperative
+                mine = local >= 0
+            if mine:
+                rk = (pid_k * BLOCK_K + WHICH * (BLOCK_K - SUB_K)   # COOP: this half's rows
+                      + gl.arange(0, SUB_K, layout=gl.SliceLayout(1, acc_layout)))
                 rn = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, acc_layout))
                 offs = e.to(gl.int64) * stride_ce + rk[:, None] * stride_ck + rn[None, :]
                 mask = (rk < K)[:, None] & (rn < N)[None, :]
                 if ACCUMULATE:    # before the turn wait: under the other consumer's loop
                     acc = gl.load(acc_ptr + offs, mask=mask, other=0.0)
                 else:
-                    acc = gl.zeros([BLOCK_K, BLOCK_N], gl.float32, acc_layout)
-                if CONSUMERS == 2:
+                    acc = gl.zeros([SUB_K, BLOCK_N], gl.float32, acc_layout)
+                if PINGPONG:
                     # Main loops alternate (the forward kernel's order barrier; it also keeps
                     # the ring's parity waits sound).
                     mbarrier.wait(turn.index(WHICH), ((local // 2) & 1) ^ (1 - WHICH))
                 for c in range(chunks):
                     s = it % STAGES
                     mbarrier.wait(ready.index(s), (it // STAGES) & 1)
+                    a = a_bufs.index(A_SPLIT * s + WHICH * (A_SPLIT - 1))   # this half
                     keep = end - (start + c * BLOCK_R)
                     if keep < BLOCK_R:   # the expert's last, partial chunk
-                        _zero_rows_from(a_bufs.index(s), keep, BLOCK_R, BLOCK_K)
+                        _zero_rows_from(a, keep, BLOCK_R, SUB_K)
+                        # COOP: the other consumer may be zeroing it too (the same values)
                         _zero_rows_from(b_bufs.index(s), keep, BLOCK_R, BLOCK_N)
                         fence_async_shared()     # generic stores -> the wgmma's async reads
                         _barrier()      # every warp's rows, before the wgmma
-                    acc = warpgroup_mma(a_bufs.index(s).permute((1, 0)), b_bufs.index(s), acc,
-                                        is_async=True)
+                    acc = warpgroup_mma(a.permute((1, 0)), b_bufs.index(s), acc, is_async=True)
                     acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
                     mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES), pred=c > 0)
                     it += 1
-                if CONSUMERS == 2:
+                if PINGPONG:
                     mbarrier.arrive(turn.index(1 - WHICH))
                 acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
                 if chunks > 0:
@@ -156,14 +181,17 @@ if ws.gluon is not None:
                          stride_ck, K_BUCKET, ACCUMULATE: gl.constexpr, BLOCK_K: gl.constexpr,
                          BLOCK_N: gl.constexpr, BLOCK_R: gl.constexpr, GROUP_K: gl.constexpr,
                          STAGES: gl.constexpr, MMA_REGS: gl.constexpr, LOAD_REGS: gl.constexpr,
-                         CONSUMERS: gl.constexpr):
+                         CONSUMERS: gl.constexpr, PINGPONG: gl.constexpr, SUB_K: gl.constexpr):
         """C[e] = (ACC[e] +) A[rows_e]^T @ B[rows_e]: A [P, K], B [P, N], C and ACC [E, K, N]
-        of the same strides (ACC fp32; ACC may be C itself)."""
-        a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BLOCK_R, BLOCK_K],
+        of the same strides (ACC fp32; ACC may be C itself). CONSUMERS: consumer warpgroups
+        (1 or 2); PINGPONG: they take alternate tiles, else (2, cooperative) each takes
+        SUB_K = BLOCK_K / 2 rows of every tile."""
+        a_bufs = gl.allocate_shared_memory(a_desc.dtype,
+                                           [STAGES * (BLOCK_K // SUB_K), BLOCK_R, SUB_K],
                                            a_desc.layout)
         b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES, BLOCK_R, BLOCK_N],
                                            b_desc.layout)
-        ready, empty, turn = ws.ring_barriers(STAGES, 1)
+        ready, empty, turn = ws.ring_barriers(STAGES, 2 if SUB_K < BLOCK_K else 1)
         descs = (a_desc, b_desc)
         bufs = (a_bufs, b_bufs)
         bars = (ready, empty, turn)
@@ -171,33 +199,40 @@ if ws.gluon is not None:
         if CONSUMERS == 2:
             gl.warp_specialize([
                 (_mma_partition, (descs, bufs, bars, scal, 0, ACCUMULATE, BLOCK_K, BLOCK_N,
-                                  BLOCK_R, GROUP_K, STAGES, CONSUMERS)),
+                                  BLOCK_R, GROUP_K, STAGES, CONSUMERS, PINGPONG, SUB_K)),
                 (_mma_partition, (descs, bufs, bars, scal, 1, ACCUMULATE, BLOCK_K, BLOCK_N,
-                                  BLOCK_R, GROUP_K, STAGES, CONSUMERS)),
+                                  BLOCK_R, GROUP_K, STAGES, CONSUMERS, PINGPONG, SUB_K)),
                 (_load_partition, (descs, bufs, bars, scal, 0, ACCUMULATE, BLOCK_K, BLOCK_N,
-                                   BLOCK_R, GROUP_K, STAGES, CONSUMERS)),
+                                   BLOCK_R, GROUP_K, STAGES, CONSUMERS, PINGPONG, SUB_K)),
             ], [4, 1], [MMA_REGS, LOAD_REGS])
         else:   # one consumer: producer / consumer only (no ping-pong)
             gl.warp_specialize([
                 (_mma_partition, (descs, bufs, bars, scal, 0, ACCUMULATE, BLOCK_K, BLOCK_N,
-                                  BLOCK_R, GROUP_K, STAGES, CONSUMERS)),
+                                  BLOCK_R, GROUP_K, STAGES, CONSUMERS, PINGPONG, SUB_K)),
                 (_load_partition, (descs, bufs, bars, scal, 0, ACCUMULATE, BLOCK_K, BLOCK_N,
-                                   BLOCK_R, GROUP_K, STAGES, CONSUMERS)),
+                                   BLOCK_R, GROUP_K, STAGES, CONSUMERS, PINGPONG, SUB_K)),
             ], [1], [LOAD_REGS])
 
 
 def _size_blocks(nargs):
     bk, bn, br = nargs["BLOCK_K"], nargs["BLOCK_N"], nargs["BLOCK_R"]
-    ws._set_block(nargs["a_desc"], (br, bk))
+    ws._set_block(nargs["a_desc"], (br, nargs["SUB_K"]))
     ws._set_block(nargs["b_desc"], (br, bn))
 
 
 def config(bk, bn, br, stages, consumers=2):
-    """A triton.Config of this kernel (also for fixed-config tests and sweeps)."""
+    """A triton.Config of this kernel (also for fixed-config tests and sweeps); consumers 1,
+    2 (ping-pong) or ws.COOP."""
+    if consumers not in (1, 2, ws.COOP):
+        raise ValueError(f"grouped_gemm_ws_wgrad.config: consumers must be 1, 2 or "
+                         f"{ws.COOP!r}, got {consumers!r}")
+    coop = consumers == ws.COOP
+    parts = 1 if consumers == 1 else 2
     return triton.Config(dict(BLOCK_K=bk, BLOCK_N=bn, BLOCK_R=br, GROUP_K=8, STAGES=stages,
                               MMA_REGS=ws._NUM_REGS[0], LOAD_REGS=ws._NUM_REGS[1],
-                              CONSUMERS=consumers),
-                         num_warps=4, maxnreg=ws._MAXNREG if consumers == 2 else None,
+                              CONSUMERS=parts, PINGPONG=consumers == 2,
+                              SUB_K=bk // 2 if coop else bk),
+                         num_warps=4, maxnreg=ws._MAXNREG if parts == 2 else None,
                          pre_hook=_size_blocks)
 
 

@@ -167,3 +167,18 @@ def test_ws_kernel_compiles_for_sm90_without_a_gpu(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr[-3000:]
     # first and last config of each kind: 2 plain x 2 layouts + 2 SwiGLU + 2 wgrad x 2 addends
     assert r.stdout.count("spill bytes 0") == 10, r.stdout
+
+
+@pytest.mark.parametrize("module", ["grouped_gemm_ws", "grouped_gemm_ws_wgrad"])
+def test_config_rejects_an_unknown_schedule(module):
+    """config(..., consumers) takes 1, 2 or COOP; anything else names the field (CPU)."""
+    import importlib
+    if ws.gluon is None:
+        pytest.skip("this Triton has no Gluon")
+    mod = importlib.import_module(f"kernels.{module}")
+    with pytest.raises(ValueError, match="consumers must be 1, 2 or 'coop', got 3"):
+        mod.config(128, 128, 64, 4, 3)
+    cfg = mod.config(128, 256, 64, 3, ws.COOP)    # cooperative: each consumer half the rows
+    half = "SUB_M" if module == "grouped_gemm_ws" else "SUB_K"
+    assert cfg.kwargs[half] == 64 and cfg.kwargs["CONSUMERS"] == 2
+    assert not cfg.kwargs["PINGPONG"]
