@@ -27,6 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from kernels import grouped_gemm as gg                                         # noqa: E402
 from kernels import grouped_gemm_tma as tma                                    # noqa: E402
 from kernels import grouped_gemm_ws as ws                                      # noqa: E402
+from kernels import grouped_gemm_ws_wgrad as wsw                               # noqa: E402
 from kernels.expert_mlp import expert_swiglu_mlp, expert_swiglu_mlp_reference  # noqa: E402
 
 SHAPES = [(8, 768, 2048), (8, 2048, 5632), (16, 2048, 2816), (64, 2048, 1408)]
@@ -464,7 +465,8 @@ def probe_hard(shape, p, rep):
 def autotune_report():
     """The config each autotuner chose, per key, and the timing of every candidate."""
     lines = []
-    for mod, name in ((ws, "_ws_tuned"), (ws, "_ws_swiglu_tuned"), (gg, "_gmm_plain"),
+    for mod, name in ((ws, "_ws_tuned"), (ws, "_ws_swiglu_tuned"), (wsw, "_tuned"),
+                      (gg, "_gmm_plain"),
                       (gg, "_gmm_swiglu"), (gg, "_wgrad_tuned"), (tma, "_gmm_tuned"),
                       (tma, "_swiglu_tuned"), (tma, "_wgrad_tuned")):
         tuner = getattr(mod, name, None)

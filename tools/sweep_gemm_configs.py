@@ -7,10 +7,12 @@ are in docs/benchmarks.md (sessions 6 and 8).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from kernels import grouped_gemm as gg
 from kernels import grouped_gemm_tma as tma
 from kernels import grouped_gemm_ws as ws
+from kernels import grouped_gemm_ws_wgrad as wsw
 from tools import bench_grouped_gemm as bench
 
 SWEEP_EXTRA = [(128, 128, 64, 8, 5), (128, 128, 64, 4, 6), (64, 256, 64, 4, 4),
@@ -64,45 +66,70 @@ def sweep_gemms(shape, p, rep):
 
 WS_SWEEP = ([c + ((232, 40),) for c in ws.CONFIGS]
             + [(128, 128, 64, 4, 2, (240, 24)), (128, 128, 64, 5, 1, (232, 40)),
-               (128, 128, 32, 8, 1, (232, 40))])
+               (128, 128, 32, 8, 1, (232, 40)), (128, 256, 32, 6, ws.COOP, (232, 40)),
+               (256, 128, 32, 6, ws.COOP, (232, 40))])
+WS_WGRAD_SWEEP = wsw.CONFIGS + [(128, 256, 64, 3, ws.COOP), (256, 128, 64, 3, ws.COOP),
+                                (128, 256, 32, 8, ws.COOP), (256, 128, 32, 8, ws.COOP),
+                                (256, 128, 128, 2, ws.COOP)]
+
+
+def _ws_fixed(name, flops, run, configs, rep, label):
+    """Time run(cfg)(i) for each config in a CUDA graph: [(TFLOP/s, config)], best first."""
+    res = []
+    for cfg in configs:
+        try:
+            res.append((flops / bench.graph_time(run(cfg), rep=rep) * 1e-9, cfg))
+        except Exception as err:   # out of resources
+            print(f"  ws sweep {label} {name} {cfg}: {type(err).__name__}", flush=True)
+    return sorted(res, key=lambda r: -r[0])
 
 
 def sweep_ws(shape, p, rep):
-    """The fwd / dgrad GEMMs on the warp-specialized kernel over fixed configs (WS_SWEEP),
-    each in a CUDA graph, against its autotuned pick and the TMA kernel's."""
+    """The six GEMMs on the warp-specialized kernels over fixed configs (WS_SWEEP for fwd /
+    dgrad, WS_WGRAD_SWEEP for the wgrads), each in a CUDA graph, against the autotuned pick,
+    the TMA kernel's and F.grouped_mm (the issue's per-GEMM bar), all timed in this call."""
     e, d, f = shape
     offsets, _ = bench.routing(p, e, "balanced")
+    offs32 = offsets[1:].to(torch.int32)
     bf = dict(device=bench.DEV, dtype=torch.bfloat16)
     w13, w2 = torch.randn(e, d, 2 * f, **bf), torch.randn(e, f, d, **bf)
     x, h, dy, dgu = [[torch.randn(p, n, **bf) for _ in range(bench.ROT)]
                      for n in (d, f, d, 2 * f)]
     pb = 1 << (p - 1).bit_length()
+    kb = 1 << (p // e - 1).bit_length()
+    nprog = tma.num_programs(x[0].device)
     cases = {"w13_fwd": (x, w13, 2 * f, d, False), "w13_dgrad": (dgu, w13, d, 2 * f, True),
-             "w2_fwd": (h, w2, d, f, False), "w2_dgrad": (dy, w2, f, d, True)}
+             "w2_fwd": (h, w2, d, f, False), "w2_dgrad": (dy, w2, f, d, True),
+             "w13_wgrad": (x, dgu, d, 2 * f, None), "w2_wgrad": (h, dy, f, d, None)}
     out = []
     for name, (a, w, n, k, trans) in cases.items():
-        flops = 2.0 * p * n * k
-        outs = [torch.empty(p, n, **bf) for _ in range(bench.ROT)]
-        call = lambda i: gg.launch_gmm(a[i], w, offsets, trans_w=trans)   # noqa: E731
+        if trans is None:                      # wgrad: a [P, n] and w (= dY) [P, k]
+            flops = 2.0 * p * n * k
+            outs = [torch.empty(e, n, k, **bf) for _ in range(bench.ROT)]
+            call = lambda i: gg.launch_wgrad(a[i], w[i], offsets)   # noqa: E731
+            gmm = lambda i: F.grouped_mm(a[i].t(), w[i], offs=offs32)   # noqa: E731
+            run = lambda cfg: lambda i: wsw.launch_wgrad_ws(   # noqa: E731
+                a[i], w[i], outs[i], offsets, None, kb, nprog, cfg=wsw.config(*cfg))
+            configs = WS_WGRAD_SWEEP
+        else:
+            flops = 2.0 * p * n * k
+            outs = [torch.empty(p, n, **bf) for _ in range(bench.ROT)]
+            call = lambda i: gg.launch_gmm(a[i], w, offsets, trans_w=trans)   # noqa: E731
+            wt = w.transpose(1, 2) if trans else w
+            gmm = lambda i: F.grouped_mm(a[i], wt, offs=offs32)   # noqa: E731
+            w2d = tma.weights_2d(w)
+            run = lambda cfg: lambda i: ws.launch_gmm_ws(   # noqa: E731
+                a[i], w2d, outs[i], offsets, n, k, e, trans, pb, nprog,
+                cfg=ws.config(*cfg[:5], *cfg[5]))
+            configs = WS_SWEEP
         tuned = flops / bench.graph_time(call, rep=rep) * 1e-9
         tma_t = flops / bench.graph_time(bench.tma_only(call), rep=rep) * 1e-9
-        w2d = tma.weights_2d(w)
-        res = []
-        for bm, bn, bk, st, cons, regs in WS_SWEEP:
-            cfg = ws.config(bm, bn, bk, st, cons, *regs)
-            fn = lambda i, cfg=cfg: ws.launch_gmm_ws(   # noqa: E731
-                a[i], w2d, outs[i], offsets, n, k, e, trans, pb, tma.num_programs(a[i].device),
-                cfg=cfg)
-            try:
-                res.append((flops / bench.graph_time(fn, rep=rep) * 1e-9,
-                            (bm, bn, bk, st, regs, cons)))
-            except Exception as err:   # out of resources
-                print(f"  ws sweep {shape} {name} {(bm, bn, bk, st, regs, cons)}: "
-                      f"{type(err).__name__}", flush=True)
-        res.sort(key=lambda r: -r[0])
+        gmm_t = flops / bench.graph_time(gmm, rep=rep) * 1e-9
+        res = _ws_fixed(name, flops, run, configs, rep, shape)
         row = dict(part="ws_sweep", E=e, d=d, f=f, gemm=name, tuned=tuned, tma=tma_t,
-                   top=res[:6])
-        print(f"  ws sweep {shape} {name}: autotuned {tuned:.0f}, tma kernel {tma_t:.0f}, "
-              f"fixed: " + ", ".join(f"{t:.0f} {c}" for t, c in res), flush=True)
+                   grouped_mm=gmm_t, top=res[:6])
+        print(f"  ws sweep {shape} {name}: grouped_mm {gmm_t:.0f}, autotuned {tuned:.0f}, "
+              f"tma kernel {tma_t:.0f}, fixed: " + ", ".join(f"{t:.0f} {c}" for t, c in res),
+              flush=True)
         out.append(row)
     return out
