@@ -62,11 +62,13 @@ MODE = os.environ.get("MOC_GMM_WS", "auto")
 # rows * BLOCK_N / 128 registers a thread (rows = BLOCK_M, or BLOCK_M / 2 with COOP), so
 # 128 x 128 (or 64 x 256) is the largest a consumer can hold. consumers=1 won W13 dgrad
 # (8, 768, 2048) in the session 8 sweep (docs/benchmarks.md), the ping-pong tiles the other
-# short-K GEMMs; the COOP tiles are for long K (v14). Shared memory: STAGES * (BLOCK_M +
+# short-K GEMMs; the COOP tiles are for long K (v14; 128 x 256 x 32 in six stages won W13 fwd
+# (8, 2048, 5632) in the session 12 sweep). Shared memory: STAGES * (BLOCK_M +
 # BLOCK_N) * BLOCK_K * 2 bytes + the two epilogue tiles, at most 227 KiB.
 COOP = "coop"
 CONFIGS = [(128, 128, 64, 4, 2), (128, 128, 64, 5, 2), (64, 256, 64, 4, 2), (128, 128, 32, 8, 2),
-           (128, 128, 64, 4, 1), (128, 256, 64, 3, COOP), (256, 128, 64, 3, COOP)]
+           (128, 128, 64, 4, 1), (128, 256, 64, 3, COOP), (128, 256, 32, 6, COOP),
+           (256, 128, 64, 3, COOP)]
 # SwiGLU forward: gate and up accumulators of BLOCK_N columns each (2 x 64 registers).
 SWIGLU_CONFIGS = [(128, 64, 64, 4, 2), (128, 64, 64, 6, 2), (64, 128, 64, 4, 2),
                   (128, 64, 64, 4, 1), (128, 128, 64, 4, COOP)]

@@ -19,7 +19,8 @@ store) runs under the other's wgmma main loop. What differs from the forward ker
 Or cooperative (`consumers = ws.COOP`, the forward kernel's other schedule): both consumer
 warpgroups work on every tile, each on one half of its K rows (SUB_K = BLOCK_K / 2), so a
 tile can be 256 x 128 or 128 x 256 (fewer bytes loaded per FLOP: the wgrads reduce over
-thousands of rows, the long-K regime where the forward kernel's COOP tiles won, v14). The A
+thousands of rows, the long-K regime where the forward kernel's COOP tiles won, v14; on
+the H200 they did not win here, see CONFIGS). The A
 chunk is loaded as two TMA boxes, one per consumer's half: a wgrad's A is sliced along its
 contiguous dimension, which a swizzled slot cannot be sliced along. The dY chunk is shared:
 on a partial chunk both consumers zero its tail rows, each before its own wgmma. That is a
@@ -50,8 +51,12 @@ if ws.gluon is not None:
 # BLOCK_R rows a step; consumers 1, 2 (ping-pong: a consumer's tile is the whole tile, fp32
 # accumulator 128 registers a thread at 128 x 128) or ws.COOP (each consumer half the K rows).
 # Shared memory STAGES * (BLOCK_K + BLOCK_N) * BLOCK_R * 2 bytes, at most 227 KiB.
+# The session 12 sweep (docs/benchmarks.md; tools/sweep_gemm_configs.py WS_WGRAD_SWEEP) found
+# the cooperative tiles 1-5% slower than the ping-pong 128 x 128 x 64 in five stages at every
+# wgrad of (8, 768, 2048) and (8, 2048, 5632) on the H200: one stays, for the autotuner to
+# weigh on other GPUs and shapes.
 CONFIGS = [(128, 128, 64, 4, 2), (128, 128, 64, 5, 2), (64, 256, 64, 4, 2), (128, 128, 32, 8, 2),
-           (128, 128, 64, 4, 1), (128, 256, 64, 4, ws.COOP), (256, 128, 64, 4, ws.COOP)]
+           (128, 128, 64, 4, 1), (128, 256, 64, 3, ws.COOP)]
 
 if ws.gluon is not None:
     @gluon.jit
