@@ -20,9 +20,9 @@ Or cooperative (`consumers = ws.COOP`, the forward kernel's other schedule): bot
 warpgroups work on every tile, each on one half of its K rows (SUB_K = BLOCK_K / 2), so a
 tile can be 256 x 128 or 128 x 256 (fewer bytes loaded per FLOP: the wgrads reduce over
 thousands of rows, the long-K regime where the forward kernel's COOP tiles won, v14; on
-the H200 they did not win here, see CONFIGS). The A
-chunk is loaded as two TMA boxes, one per consumer's half: a wgrad's A is sliced along its
-contiguous dimension, which a swizzled slot cannot be sliced along. The dY chunk is shared:
+the H200 they did not win here, see CONFIGS). The A chunk is loaded as two TMA boxes, one
+per consumer's half: a wgrad's A is sliced along its contiguous dimension, which a swizzled
+slot cannot be sliced along. The dY chunk is shared:
 on a partial chunk both consumers zero its tail rows, each before its own wgmma. That is a
 race between writes of identical values (a row below the end is stored back unchanged,
 one past it as zero, by either), so neither needs to wait for the other's stores: its own
