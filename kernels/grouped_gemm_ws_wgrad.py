@@ -22,15 +22,14 @@ tile can be 256 x 128 or 128 x 256 (fewer bytes loaded per FLOP: the wgrads redu
 thousands of rows, the long-K regime where the forward kernel's COOP tiles won, v14; on
 the H200 they did not win here, see CONFIGS). The A chunk is loaded as two TMA boxes, one
 per consumer's half: a wgrad's A is sliced along its contiguous dimension, which a swizzled
-slot cannot be sliced along. The dY chunk is shared:
-on a partial chunk both consumers zero its tail rows, each before its own wgmma. That is a
-race between writes of identical values (a row below the end is stored back unchanged,
-one past it as zero, by either), so neither needs to wait for the other's stores: its own
-have already made the whole slot right.
+slot cannot be sliced along. The dY chunk is shared: on a partial chunk both consumers zero
+its tail rows, each before its own wgmma. That is a race between writes of identical values
+(a row below the end is stored back unchanged, one past it as zero, by either), so neither
+needs to wait for the other's stores: its own have already made the whole slot right.
 
 Same contract as `grouped_gemm_tma.launch_wgrad_tma` without a gather (a gathered wgrad
 copies its rows first). sm90 and bf16 / fp16 only (`grouped_gemm_ws.available`); tested on
-the GPU (tests/kernels/test_grouped_gemm_ws.py) and compiled on the CPU by
+the GPU (tests/kernels/test_grouped_gemm_ws_wgrad.py) and compiled on the CPU by
 tools/compile_sm90.py.
 """
 from __future__ import annotations
@@ -220,8 +219,8 @@ if ws.gluon is not None:
 
 
 def _size_blocks(nargs):
-    bk, bn, br = nargs["BLOCK_K"], nargs["BLOCK_N"], nargs["BLOCK_R"]
-    ws._set_block(nargs["a_desc"], (br, nargs["SUB_K"]))
+    bn, br = nargs["BLOCK_N"], nargs["BLOCK_R"]
+    ws._set_block(nargs["a_desc"], (br, nargs["SUB_K"]))   # one box per consumer's half
     ws._set_block(nargs["b_desc"], (br, bn))
 
 

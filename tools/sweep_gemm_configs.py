@@ -2,7 +2,7 @@
 
 Called by tools/bench_grouped_gemm.py (`--parts sweep` for the TMA kernel's forward-kernel
 GEMMs, `--parts wssweep` for the warp-specialized kernel); the numbers and what they decided
-are in docs/benchmarks.md (sessions 6 and 8).
+are in docs/benchmarks.md (sessions 6, 8 and 12).
 """
 from __future__ import annotations
 
@@ -103,8 +103,8 @@ def sweep_ws(shape, p, rep):
              "w13_wgrad": (x, dgu, d, 2 * f, None), "w2_wgrad": (h, dy, f, d, None)}
     out = []
     for name, (a, w, n, k, trans) in cases.items():
+        flops = 2.0 * p * n * k
         if trans is None:                      # wgrad: a [P, n] and w (= dY) [P, k]
-            flops = 2.0 * p * n * k
             outs = [torch.empty(e, n, k, **bf) for _ in range(bench.ROT)]
             call = lambda i: gg.launch_wgrad(a[i], w[i], offsets)   # noqa: E731
             gmm = lambda i: F.grouped_mm(a[i].t(), w[i], offs=offs32)   # noqa: E731
@@ -112,7 +112,6 @@ def sweep_ws(shape, p, rep):
                 a[i], w[i], outs[i], offsets, None, kb, nprog, cfg=wsw.config(*cfg))
             configs = WS_WGRAD_SWEEP
         else:
-            flops = 2.0 * p * n * k
             outs = [torch.empty(p, n, **bf) for _ in range(bench.ROT)]
             call = lambda i: gg.launch_gmm(a[i], w, offsets, trans_w=trans)   # noqa: E731
             wt = w.transpose(1, 2) if trans else w
