@@ -27,6 +27,8 @@ import os
 
 import torch
 
+from kernels import sustained_timing
+
 try:
     import triton
     import triton.language as tl
@@ -342,18 +344,18 @@ if triton is not None:
             tl.store(ptrs + rn[None, :], zero, mask=row_mask & (rn < N)[None, :])
 
     _even_k = {"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0}
-    _prune = {"early_config_prune": fits_smem}
+    _tune = dict(prune_configs_by={"early_config_prune": fits_smem},
+                 do_bench=sustained_timing.autotune_do_bench())
     _gmm_tuned = triton.autotune(_GMM_CFG, key=["N", "K", "P_BUCKET", "EPILOGUE", "B_TRANS",
-                                                "HAS_GATHER"], prune_configs_by=_prune)(
+                                                "HAS_GATHER"], **_tune)(
         triton.heuristics(_even_k)(_gmm_tma_kernel))
     _swiglu_tuned = triton.autotune(_SWIGLU_CFG, key=["N", "K", "P_BUCKET", "EPILOGUE",
-                                                      "B_TRANS", "HAS_GATHER"],
-                                    prune_configs_by=_prune)(
+                                                      "B_TRANS", "HAS_GATHER"], **_tune)(
         triton.heuristics(_even_k)(_gmm_tma_kernel))
     _wgrad_tuned = triton.autotune(_WGRAD_CFG, key=["N", "K", "K_BUCKET", "HAS_GATHER",
-                                                    "ACCUMULATE"], prune_configs_by=_prune,
-                                   restore_value=["c_ptr"])(   # tuning runs must not add twice
-        triton.heuristics(_even_k)(_wgrad_tma_kernel))
+                                                    "ACCUMULATE"],
+                                   restore_value=["c_ptr"],   # tuning runs must not add twice
+                                   **_tune)(triton.heuristics(_even_k)(_wgrad_tma_kernel))
 
 
 def _desc(t: torch.Tensor) -> "TensorDescriptor":

@@ -39,6 +39,8 @@ import os
 
 import torch
 
+from kernels import sustained_timing
+
 try:
     import triton
     from triton.experimental import gluon
@@ -382,11 +384,13 @@ def config(bm, bn, bk, stages, consumers=2, mma_regs=_NUM_REGS[0], load_regs=_NU
 
 
 if gluon is not None:
+    _bench = sustained_timing.autotune_do_bench()
     _ws_tuned = triton.autotune([config(*c) for c in CONFIGS],
-                                key=["N", "K", "P_BUCKET", "B_TRANS", "EPILOGUE"])(_gmm_ws_kernel)
+                                key=["N", "K", "P_BUCKET", "B_TRANS", "EPILOGUE"],
+                                do_bench=_bench)(_gmm_ws_kernel)
     _ws_swiglu_tuned = triton.autotune([config(*c) for c in SWIGLU_CONFIGS],
-                                       key=["N", "K", "P_BUCKET", "EPILOGUE", "STORE_PRE"])(
-        _gmm_ws_kernel)
+                                       key=["N", "K", "P_BUCKET", "EPILOGUE", "STORE_PRE"],
+                                       do_bench=_bench)(_gmm_ws_kernel)
 
 
 def launch_gmm_ws(a, w2, c, offsets, n, k, e, trans_w, p_bucket, num_programs, cfg=None,
@@ -417,7 +421,11 @@ _CHOICE: dict[tuple, bool] = {}
 _CHOICE_MS: dict[tuple, tuple] = {}   # key -> (this kernel ms, TMA kernel ms)
 
 
-def _eager_times(fns):
+def _times(fns):
+    """ms per call of each fn: back to back behind a spin (kernels/sustained_timing.py), or
+    with MOC_GMM_TIMING=flushed each call alone after an L2 flush (do_bench); ABBA order."""
+    if sustained_timing.MODE == "sustained":
+        return dict(zip(fns, sustained_timing.sustained_ms(fns)))
     from triton.testing import do_bench
     t = dict.fromkeys(fns, 0.0)
     for fn in (*fns, *fns[::-1]):    # ABBA: drift falls on both sides
@@ -427,9 +435,8 @@ def _eager_times(fns):
 
 def choose(key, run_ws, run_tma) -> bool:
     """Whether GEMMs of this key (shape bucket, dtype, device) run on this kernel: "on" /
-    "off" decide outright; "auto" times both kernels once (each autotuned first, CUDA-event
-    medians with the L2 flushed, ABBA order) and keeps the faster; the times stay in
-    _CHOICE_MS (bench_grouped_gemm prints them). Neither kernel wins everywhere: at the
+    "off" decide outright; "auto" times both kernels once (each autotuned first; `_times`)
+    and keeps the faster; the times stay in _CHOICE_MS (bench_grouped_gemm prints them). Neither kernel wins everywhere: at the
     session 8 shapes this one wins short-K GEMMs (its epilogue overlaps the other consumer's
     main loop), the TMA kernel's 128 x 256 tiles the long-K ones. During CUDA-graph capture
     an untimed key takes the TMA kernel (timing cannot run there). Timing the choice in CUDA
@@ -441,7 +448,7 @@ def choose(key, run_ws, run_tma) -> bool:
     if key not in _CHOICE:
         if torch.cuda.is_current_stream_capturing():
             return False
-        t = _eager_times((run_ws, run_tma))
+        t = _times((run_ws, run_tma))
         _CHOICE[key] = t[run_ws] < t[run_tma]
         _CHOICE_MS[key] = (t[run_ws], t[run_tma])
     return _CHOICE[key]

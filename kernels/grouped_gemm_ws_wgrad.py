@@ -243,8 +243,8 @@ def config(bk, bn, br, stages, consumers=2):
 if ws.gluon is not None:
     _tuned = triton.autotune([config(*c) for c in CONFIGS],
                              key=["N", "K", "K_BUCKET", "ACCUMULATE"],
-                             restore_value=["c_ptr"])(   # tuning runs must not add twice
-        _wgrad_ws_kernel)
+                             restore_value=["c_ptr"],   # tuning runs must not add twice
+                             do_bench=ws._bench)(_wgrad_ws_kernel)
 
 
 def launch_wgrad_ws(a, dy, c, offsets, acc_in, k_bucket, num_programs, cfg=None):

@@ -28,6 +28,7 @@ from kernels import grouped_gemm as gg                                         #
 from kernels import grouped_gemm_tma as tma                                    # noqa: E402
 from kernels import grouped_gemm_ws as ws                                      # noqa: E402
 from kernels import grouped_gemm_ws_wgrad as wsw                               # noqa: E402
+from kernels import sustained_timing                                           # noqa: E402
 from kernels.expert_mlp import expert_swiglu_mlp, expert_swiglu_mlp_reference  # noqa: E402
 
 SHAPES = [(8, 768, 2048), (8, 2048, 5632), (16, 2048, 2816), (64, 2048, 1408)]
@@ -474,7 +475,7 @@ def autotune_report():
             lines.append(f"{mod.__name__}.{name} key={key} best={cfg}")
     for key, (t_ws, t_tma) in ws._CHOICE_MS.items():
         lines.append(f"ws.choose key={key} ws {t_ws * 1e3:.1f} us, tma {t_tma * 1e3:.1f} us "
-                     f"(eager) -> {'ws' if ws._CHOICE[key] else 'tma'}")
+                     f"({sustained_timing.MODE}) -> {'ws' if ws._CHOICE[key] else 'tma'}")
     return lines
 
 
