@@ -436,9 +436,10 @@ def _times(fns):
 def choose(key, run_ws, run_tma) -> bool:
     """Whether GEMMs of this key (shape bucket, dtype, device) run on this kernel: "on" /
     "off" decide outright; "auto" times both kernels once (each autotuned first; `_times`)
-    and keeps the faster; the times stay in _CHOICE_MS (bench_grouped_gemm prints them). Neither kernel wins everywhere: at the
-    session 8 shapes this one wins short-K GEMMs (its epilogue overlaps the other consumer's
-    main loop), the TMA kernel's 128 x 256 tiles the long-K ones. During CUDA-graph capture
+    and keeps the faster; the times stay in _CHOICE_MS (bench_grouped_gemm prints them).
+    Neither kernel wins everywhere: at the session 8 shapes this one wins short-K GEMMs (its
+    epilogue overlaps the other consumer's main loop), the TMA kernel's 128 x 256 tiles the
+    long-K ones. During CUDA-graph capture
     an untimed key takes the TMA kernel (timing cannot run there). Timing the choice in CUDA
     graphs instead was tried and reverted (docs/kernels_notes.md, v13): the first call of a
     key often comes from autograd's backward thread, where a TMA descriptor built after the
