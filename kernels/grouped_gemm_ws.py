@@ -24,8 +24,9 @@ Same contract as `launch_gmm_tma` with EPILOGUE 0 or 1 (SwiGLU forward) and no g
 C[rows_e] = A[rows_e] @ W[e] (W[e]^T with B_TRANS), rows sorted by expert, device-side int64
 offsets, no host sync. The tile map is the TMA kernel's (GROUP_M swizzle over row tiles that
 never cross an expert end); each partition finds a tile's expert with a scalar scan of the
-offsets. Tiles inside their expert store through a TMA descriptor; an expert's last, partial tile stores with masked
-pointer stores (a TMA store would clobber the next expert's first rows).
+offsets. Tiles inside their expert store through a TMA descriptor; an expert's last, partial
+tile stores with masked pointer stores (a TMA store would clobber the next expert's first
+rows).
 
 Gluon compiles for sm90 but does not run under TRITON_INTERPRET, so this kernel's numerics are
 tested on the GPU only (tests/kernels/test_grouped_gemm_ws.py, against the fp64 reference);
