@@ -23,7 +23,7 @@ Public API
         scattered back through gather_index (index_add, see grouped_gemm).
     grouped_swiglu_reference / expert_swiglu_mlp_reference: same signatures, fp32 (fp64)
         per-expert loop, differentiable by autograd.
-    wgrad_acc: a kernels.grouped_gemm.WeightGradAccumulator tracking w13 (and w2): the S IRL
+    wgrad_acc: a kernels.wgrad_accumulator.WeightGradAccumulator tracking w13 (and w2): the S IRL
         steps then build one fp32 gradient per weight, cast once (see grouped_gemm).
     Under torch.compile, expert_swiglu_mlp runs as custom ops (kernels/expert_mlp_op.py).
 """

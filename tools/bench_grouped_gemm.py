@@ -30,6 +30,7 @@ from kernels import grouped_gemm_ws as ws                                      #
 from kernels import grouped_gemm_ws_wgrad as wsw                               # noqa: E402
 from kernels import sustained_timing                                           # noqa: E402
 from kernels.expert_mlp import expert_swiglu_mlp, expert_swiglu_mlp_reference  # noqa: E402
+from kernels.wgrad_accumulator import WeightGradAccumulator                    # noqa: E402
 
 SHAPES = [(8, 768, 2048), (8, 2048, 5632), (16, 2048, 2816), (64, 2048, 1408)]
 GEMM_SHAPES = [(8, 2048, 5632), (8, 768, 2048), (8, 1024, 3200)]   # the last: moe_1b's experts
@@ -365,7 +366,7 @@ def hard_mode_steps(shape, p):
 
     def step2(mode):
         x, dy = rot.next()
-        acc = gg.WeightGradAccumulator()
+        acc = WeightGradAccumulator()
         w13_t, w2_t = acc.track(w13, w2)
         h1 = expert_swiglu_mlp(x, w13_t, w2_t, offsets, wgrad_acc=acc)
         if mode == "soft":

@@ -28,7 +28,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from kernels.grouped_gemm import WeightGradAccumulator        # noqa: E402
+from kernels.wgrad_accumulator import WeightGradAccumulator   # noqa: E402
 from megatron_moc.moc.experts import IRLExperts, swiglu_mlp_triton   # noqa: E402
 from tools import bench_grouped_gemm as bgg                    # noqa: E402
 from tools.probe_hard_mode import kernel_times                 # noqa: E402

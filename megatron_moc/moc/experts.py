@@ -189,7 +189,7 @@ class IRLExperts(nn.Module):
             # The S steps reuse the weights: their wgrads accumulate in one fp32 buffer in
             # the wgrad kernel and are cast once (F.grouped_mm would round each to bf16).
             # Eager only: under torch.compile the MLP is a custom op (kernels/expert_mlp_op.py).
-            from kernels.grouped_gemm import WeightGradAccumulator
+            from kernels.wgrad_accumulator import WeightGradAccumulator
 
             acc = WeightGradAccumulator()
             w13, w2 = acc.track(w13, w2)

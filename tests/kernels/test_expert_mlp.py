@@ -6,7 +6,7 @@ import torch
 
 from kernels.expert_mlp import (expert_swiglu_mlp, expert_swiglu_mlp_reference, grouped_swiglu,
                                 grouped_swiglu_reference)
-from kernels.grouped_gemm import WeightGradAccumulator
+from kernels.wgrad_accumulator import WeightGradAccumulator
 
 # (E, D, F, rows per expert, zero-tail rows)
 CASES = [

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from kernels import gmm_backend
-from kernels.grouped_gemm import (WeightGradAccumulator, grouped_gemm, grouped_gemm_reference,
-                                  launch_wgrad)
+from kernels.grouped_gemm import grouped_gemm, grouped_gemm_reference, launch_wgrad
+from kernels.wgrad_accumulator import WeightGradAccumulator
 
 # (E, K, N, rows per expert, zero-tail rows)
 CASES = [
