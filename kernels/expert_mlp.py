@@ -24,7 +24,8 @@ Public API
     grouped_swiglu_reference / expert_swiglu_mlp_reference: same signatures, fp32 (fp64)
         per-expert loop, differentiable by autograd.
     wgrad_acc: a kernels.wgrad_accumulator.WeightGradAccumulator tracking w13 (and w2): the S IRL
-        steps then build one fp32 gradient per weight, cast once (see grouped_gemm).
+        steps then build one fp32 gradient per weight, cast once (eager only; the traceable
+        equivalent is the custom op's wgrad_chain, kernels/expert_mlp_op.py).
     Under torch.compile, expert_swiglu_mlp runs as custom ops (kernels/expert_mlp_op.py).
 """
 from __future__ import annotations

@@ -116,10 +116,11 @@ def swiglu_bwd_math(pre: torch.Tensor, dh: torch.Tensor) -> torch.Tensor:
 
 
 def torch_wgrad(a, dy, offsets, gather_index=None, accumulate_into=None, out_dtype=None,
-                use_grouped_mm=True, num_experts=None):
+                use_grouped_mm=True, num_experts=None, out_of_place=False):
     """dW[e] = A[rows_e]^T @ dY[rows_e] -> [E, K, N]; adds into `accumulate_into` (fp32) when
-    given and returns it, or, with an out_dtype other than fp32, returns the sum in out_dtype
-    and leaves `accumulate_into` as it was (grouped_gemm.launch_wgrad's contract)."""
+    given and returns it, or, with an out_dtype other than fp32 or with out_of_place, returns
+    the sum in out_dtype and leaves `accumulate_into` as it was (grouped_gemm.launch_wgrad's
+    contract)."""
     if gather_index is not None:
         a = a.index_select(0, gather_index)
     num_experts = offsets.shape[0] - 1 if num_experts is None else num_experts
@@ -132,9 +133,9 @@ def torch_wgrad(a, dy, offsets, gather_index=None, accumulate_into=None, out_dty
             lo, hi = bounds[e], bounds[e + 1]
             dw[e] = a[lo:hi].float().t() @ dy[lo:hi].float()
     if accumulate_into is not None:
-        if out_dtype in (None, torch.float32):
+        if out_dtype in (None, torch.float32) and not out_of_place:
             return accumulate_into.add_(dw)
-        return (accumulate_into + dw).to(out_dtype)
+        return (accumulate_into + dw).to(out_dtype or a.dtype)
     return dw.to(out_dtype or a.dtype)
 
 
@@ -156,6 +157,7 @@ class TorchPrimitives:
     def gmm_swiglu_bwd(self, dy, w2, offsets, pre):
         return swiglu_bwd_math(pre, self.gmm(dy, w2, offsets, trans_w=True))
 
-    def wgrad(self, a, dy, offsets, gather_index=None, accumulate_into=None, out_dtype=None):
+    def wgrad(self, a, dy, offsets, gather_index=None, accumulate_into=None, out_dtype=None,
+              out_of_place=False):
         return torch_wgrad(a, dy, offsets, gather_index, accumulate_into, out_dtype,
-                           self.use_grouped_mm)
+                           self.use_grouped_mm, out_of_place=out_of_place)

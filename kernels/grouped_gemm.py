@@ -428,11 +428,12 @@ def _wgrad_hopper(a, dy, c, offsets, acc_in, k_bucket):
 
 
 def launch_wgrad(a, dy, offsets, gather_index=None, accumulate_into=None, out_dtype=None,
-                 num_experts=None, config=None):
+                 num_experts=None, config=None, out_of_place=False):
     """dW [E, K, N] with dW[e] = A[rows_e]^T @ dY[rows_e] (fp32 accumulation); experts with
     no rows get zeros. accumulate_into: fp32 [E, K, N] to add into (returned); with an
-    out_dtype other than fp32, the sum goes to a new tensor of that dtype instead and
-    accumulate_into is left as it was (the last of several uses: add and cast in one pass)."""
+    out_dtype other than fp32, or with out_of_place, the sum goes to a new tensor of out_dtype
+    instead and accumulate_into is left as it was (the last of several uses: add and cast in
+    one pass; out_of_place: a sum that must not touch its addend, kernels/expert_mlp_op.py)."""
     e = offsets.shape[0] - 1 if num_experts is None else num_experts
     k, n = a.shape[1], dy.shape[1]
     if accumulate_into is not None and (accumulate_into.dtype != torch.float32
@@ -446,7 +447,7 @@ def launch_wgrad(a, dy, offsets, gather_index=None, accumulate_into=None, out_dt
     c = acc_in = accumulate_into
     if acc_in is not None and not acc_in.is_contiguous():
         raise ValueError("accumulate_into must be contiguous")
-    if c is None or out_dtype not in (None, torch.float32):
+    if c is None or out_of_place or out_dtype not in (None, torch.float32):
         c = torch.empty(e, k, n, dtype=out_dtype or a.dtype, device=a.device)
     k_bucket = _p_bucket(dy.shape[0] // max(e, 1))
     if gather_index is not None and tma.GATHER and tma.tma_ok(dy):
@@ -476,8 +477,10 @@ class TritonPrimitives:
     gmm_swiglu_bwd = staticmethod(launch_gmm_swiglu_bwd)
 
     @staticmethod
-    def wgrad(a, dy, offsets, gather_index=None, accumulate_into=None, out_dtype=None):
-        return launch_wgrad(a, dy, offsets, gather_index, accumulate_into, out_dtype)
+    def wgrad(a, dy, offsets, gather_index=None, accumulate_into=None, out_dtype=None,
+              out_of_place=False):
+        return launch_wgrad(a, dy, offsets, gather_index, accumulate_into, out_dtype,
+                            out_of_place=out_of_place)
 
 
 def primitives(backend: str | None, x: torch.Tensor):

@@ -13,8 +13,10 @@ kernel itself, and rounds once. MOC_MATH.md §3 (shared weights); kernels/groupe
     # (the first one writes it); the track node runs last and casts each sum once to the
     # weight dtype, so w13.grad / w2.grad get exactly one bf16 rounding.
 
-Eager only: under torch.compile the expert MLP is a custom op (kernels/expert_mlp_op.py) and
-inductor sums the steps' gradients.
+Eager only: it keeps Python state between backward calls, which Dynamo cannot trace. It
+serves the autograd Functions of the kernel API (grouped_gemm, expert_mlp: benchmarks, tests,
+other callers); the MoC experts use the custom op's weight-gradient chain, which does the
+same sum functionally, eager and under torch.compile (kernels/expert_mlp_op.py).
 """
 from __future__ import annotations
 

@@ -19,7 +19,6 @@ prologue scales A through registers), so it saves less than that.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import math
 import os
@@ -28,7 +27,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from kernels.wgrad_accumulator import WeightGradAccumulator   # noqa: E402
+from kernels.expert_mlp_op import wgrad_chain                 # noqa: E402
 from megatron_moc.moc.experts import IRLExperts, swiglu_mlp_triton   # noqa: E402
 from tools import bench_grouped_gemm as bgg                    # noqa: E402
 from tools.probe_hard_mode import kernel_times                 # noqa: E402
@@ -39,21 +38,18 @@ OURS = ("_gmm_kernel", "_wgrad_kernel", "_gmm_tma_kernel", "_wgrad_tma_kernel",
 EPS = 1e-6
 
 
-def irl_steps(x, norm_w, activity, w13, w2, offsets, steps, eager_acc=False):
+def irl_steps(x, norm_w, activity, w13, w2, offsets, steps):
     """h after `steps` soft IRL steps (MOC_MATH.md §3), each the model's own
-    `IRLExperts._soft_step` on the Triton MLP: eager with the steps' weight gradients summed in
-    one fp32 buffer (eager_acc, as the model runs eagerly), compiled without (inductor sums
-    them)."""
+    `IRLExperts._soft_step` on the Triton MLP, the steps' weight gradients summed in fp32
+    through the wgrad chain as the model does (kernels/expert_mlp_op.py)."""
     alpha = 1.0 / math.sqrt(steps)
-    mlp = swiglu_mlp_triton
-    if eager_acc:
-        acc = WeightGradAccumulator()
-        w13, w2 = acc.track(w13, w2)
-        mlp = functools.partial(swiglu_mlp_triton, wgrad_acc=acc)
+    chain = wgrad_chain(steps) if steps > 1 else None
     h = x
     for s in range(steps):
         a = (activity[:, s:s + 1] * alpha).to(x.dtype)
-        h = h + IRLExperts._soft_step(mlp, w13, w2, h, x, norm_w, a, offsets, EPS)
+        update, chain = IRLExperts._soft_step(swiglu_mlp_triton, w13, w2, h, x, norm_w, a, chain,
+                                              offsets, EPS)
+        h = h + update
     return h
 
 
@@ -69,8 +65,7 @@ def setup(shape, p, steps):
     activity = torch.rand(p, steps, device=bgg.DEV).requires_grad_()  # soft a_s, fp32
     dout = torch.randn(p, d, **bf)
     leaves = [x, norm_w, activity, w13, w2]
-    fns = {"eager": functools.partial(irl_steps, eager_acc=steps > 1),
-           "compiled": torch.compile(irl_steps, dynamic=False)}
+    fns = {"eager": irl_steps, "compiled": torch.compile(irl_steps, dynamic=False)}
 
     def run(mode):
         out = fns[mode](x, norm_w, activity, w13, w2, offsets, steps)

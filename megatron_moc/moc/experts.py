@@ -68,11 +68,18 @@ def swiglu_mlp_grouped_mm(z_PD, w13_EDF, w2_EFD, offsets_E1):
     return torch.where(valid, F.grouped_mm(act, w2_EFD, offs=offs), 0)
 
 
-def swiglu_mlp_triton(z_PD, w13_EDF, w2_EFD, offsets_E1, wgrad_acc=None):
+def swiglu_mlp_triton(z_PD, w13_EDF, w2_EFD, offsets_E1, wgrad_chain=None):
+    """Our Triton kernels. With a `wgrad_chain` (kernels/expert_mlp_op.py), returns (y, the
+    chain for the next step): the S steps' weight gradients then add up in fp32 inside the
+    wgrad kernel and are rounded once, eager and under torch.compile alike."""
+    if wgrad_chain is not None:
+        from kernels.expert_mlp_op import expert_swiglu_mlp_op
+
+        return expert_swiglu_mlp_op(z_PD, w13_EDF, w2_EFD, offsets_E1, backend="triton",
+                                    wgrad_chain=wgrad_chain)
     from kernels.expert_mlp import expert_swiglu_mlp
 
-    return expert_swiglu_mlp(z_PD, w13_EDF, w2_EFD, offsets_E1, wgrad_acc=wgrad_acc,
-                             backend="triton")
+    return expert_swiglu_mlp(z_PD, w13_EDF, w2_EFD, offsets_E1, backend="triton")
 
 
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -183,17 +190,13 @@ class IRLExperts(nn.Module):
         offsets_E1 int64 [E+1]. Returns (h_PD: IRL output, zero-update past offsets[E];
         expected_steps_P fp32 [P])."""
         mlp = pick_backend(self.config.moc_expert_backend, x_PD)
-        w13, w2 = self.w13, self.w2
-        if (mlp is swiglu_mlp_triton and self.steps > 1 and torch.is_grad_enabled()
-                and not torch.compiler.is_compiling()):
-            # The S steps reuse the weights: their wgrads accumulate in one fp32 buffer in
-            # the wgrad kernel and are cast once (F.grouped_mm would round each to bf16).
-            # Eager only: under torch.compile the MLP is a custom op (kernels/expert_mlp_op.py).
-            from kernels.wgrad_accumulator import WeightGradAccumulator
+        chain = None
+        if mlp is swiglu_mlp_triton and self.steps > 1 and torch.is_grad_enabled():
+            # The S steps reuse the weights: their wgrads add up in fp32 in the wgrad kernel and
+            # are cast once (F.grouped_mm would round each to bf16); kernels/expert_mlp_op.py.
+            from kernels.expert_mlp_op import wgrad_chain
 
-            acc = WeightGradAccumulator()
-            w13, w2 = acc.track(w13, w2)
-            mlp = functools.partial(swiglu_mlp_triton, wgrad_acc=acc)
+            chain = wgrad_chain(self.steps)
         activity_PS, expected_P = self.activity(x_PD, expert_P)
         hard = self.config.moc_adaptive_mode == "hard" and self.step_gate_weight is not None
         norm_w_PD = rows_of(self.norm_weight, expert_P)
@@ -205,24 +208,36 @@ class IRLExperts(nn.Module):
         for s in range(self.steps):
             a_P1 = (activity_PS[:, s:s + 1] * self.alpha).to(x_PD.dtype)
             if hard:
-                step = functools.partial(self._hard_step, mlp, w13, w2, active_P=activity_PS[:, s],
-                                         expert_P=expert_P, offsets_E1=offsets_E1, eps=eps)
+                step = functools.partial(self._hard_step, mlp, self.w13, self.w2,
+                                         active_P=activity_PS[:, s], expert_P=expert_P,
+                                         offsets_E1=offsets_E1, eps=eps)
             else:
-                step = functools.partial(self._soft_step, mlp, w13, w2, offsets_E1=offsets_E1,
-                                         eps=eps)
+                step = functools.partial(self._soft_step, mlp, self.w13, self.w2,
+                                         offsets_E1=offsets_E1, eps=eps)
             if recompute:
-                h = h + checkpoint(step, h, x_PD, norm_w_PD, a_P1, use_reentrant=False)
+                update, chain = checkpoint(step, h, x_PD, norm_w_PD, a_P1, chain,
+                                           use_reentrant=False)
             else:
-                h = h + step(h, x_PD, norm_w_PD, a_P1)
+                update, chain = step(h, x_PD, norm_w_PD, a_P1, chain)
+            h = h + update
         return h, expected_P
 
     @staticmethod
-    def _soft_step(mlp, w13, w2, h, x, norm_w, a_P1, offsets_E1, eps):
-        """The update a_s·α·FFN_e(RMSNorm_e(h + x)) of one step on all rows."""
-        return a_P1 * mlp(rms_norm(h + x, norm_w, eps), w13, w2, offsets_E1)
+    def _mlp(mlp, z, w13, w2, offsets_E1, chain):
+        """(y, next chain): the chain (swiglu_mlp_triton) only where there is one."""
+        if chain is None:
+            return mlp(z, w13, w2, offsets_E1), None
+        return mlp(z, w13, w2, offsets_E1, wgrad_chain=chain)
 
-    def _hard_step(self, mlp, w13, w2, h, x, _norm_w, a_P1, active_P, expert_P, offsets_E1,
-                   eps):
+    @staticmethod
+    def _soft_step(mlp, w13, w2, h, x, norm_w, a_P1, chain, offsets_E1, eps):
+        """The update a_s·α·FFN_e(RMSNorm_e(h + x)) of one step on all rows, and the next
+        weight-gradient chain (None without one)."""
+        y, chain = IRLExperts._mlp(mlp, rms_norm(h + x, norm_w, eps), w13, w2, offsets_E1, chain)
+        return a_P1 * y, chain
+
+    def _hard_step(self, mlp, w13, w2, h, x, _norm_w, a_P1, chain, active_P, expert_P,
+                   offsets_E1, eps):
         """One hard-mode step on the active rows only: compact them per expert (a stable
         sort on (inactive, expert), all on the device), run the grouped MLP, scatter back.
         _norm_w (the rows' RMSNorm_e weights, as `_soft_step` takes them) goes unused: the
@@ -239,8 +254,9 @@ class IRLExperts(nn.Module):
         # the permuted rows' norm weights come from the [E, D] table, not a [P, D] permute.
         z = rms_norm(permute_rows(h + x, order, inverse),
                      rows_of(self.norm_weight, expert_P.index_select(0, order)), eps)
-        out = mlp(z, w13, w2, offsets) * a_P1.index_select(0, order)
-        return permute_rows(out, inverse, order)      # = zeros.index_copy(0, order, out)
+        y, chain = self._mlp(mlp, z, w13, w2, offsets, chain)
+        out = y * a_P1.index_select(0, order)
+        return permute_rows(out, inverse, order), chain   # = zeros.index_copy(0, order, out)
 
 
 class IRLFeedForward(nn.Module):

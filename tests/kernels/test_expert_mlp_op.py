@@ -1,10 +1,13 @@
 """The expert MLP as custom ops (kernels/expert_mlp_op.py) against the float64 reference, eager
-and under torch.compile (no graph break around it), plus torch.library's own op checks."""
+and under torch.compile (no graph break around it), plus torch.library's own op checks; the
+weight-gradient chain of the S IRL steps against the eager WeightGradAccumulator."""
 import pytest
 import torch
 
 from kernels.expert_mlp import expert_swiglu_mlp, expert_swiglu_mlp_reference
-from kernels.expert_mlp_op import _bwd, _fwd, expert_swiglu_mlp_op
+from kernels import expert_mlp_op
+from kernels.expert_mlp_op import _bwd, _fwd, expert_swiglu_mlp_op, wgrad_chain
+from kernels.wgrad_accumulator import WeightGradAccumulator
 from tests.kernels.test_expert_mlp import CASES, grads, make, rel
 
 
@@ -15,8 +18,8 @@ from tests.kernels.test_expert_mlp import CASES, grads, make, rel
 def test_op_inference_saves_nothing(device):
     x, w13, w2, _, offsets, gidx = make(*CASES[0], True, device)
     with torch.no_grad():
-        y, pre, h = _fwd(x, w13, w2, offsets, gidx, "triton", False)
-    assert pre.numel() == 0 and h.numel() == 0
+        y, pre, h, link13, link2 = _fwd(x, w13, w2, offsets, gidx, "triton", False)
+    assert pre.numel() == 0 and h.numel() == 0 and link13.numel() == link2.numel() == 0
     assert rel(y, expert_swiglu_mlp_reference(x, w13, w2, offsets, gidx)) < 1e-5
 
 
@@ -24,33 +27,114 @@ def test_opcheck(device):
     x, w13, w2, dy, offsets, gidx = make(*CASES[2], True, device)
     torch.library.opcheck(_fwd, (x, w13, w2, offsets, gidx, "triton", True),
                           test_utils=("test_schema", "test_faketensor"))
-    y, pre, h = _fwd(x, w13, w2, offsets, gidx, "triton", True)
+    y, pre, h, _, _ = _fwd(x, w13, w2, offsets, gidx, "triton", True)
     torch.library.opcheck(_bwd, (dy, x, w13, w2, offsets, gidx, pre, h, "triton"),
                           test_utils=("test_schema", "test_faketensor"))
+    # a chained step: links in and out; its backward adds fp32 sums without touching them
+    links = (torch.zeros(w13.shape, device=device), torch.zeros(w2.shape, device=device))
+    torch.library.opcheck(_fwd, (x, w13, w2, offsets, gidx, "triton", True, *links, True),
+                          test_utils=("test_schema", "test_faketensor"))
+    for final in (False, True):
+        torch.library.opcheck(_bwd, (dy, x, w13, w2, offsets, gidx, pre, h, "triton",
+                                     torch.randn(w13.shape, device=device),
+                                     torch.randn(w2.shape, device=device), final),
+                              test_utils=("test_schema", "test_faketensor"))
+
+
+def irl_loop(x, w13, w2, offsets, steps, how):
+    """`steps` IRL-like steps on shared weights; their weight gradients summed by `how`:
+    "chain" (the custom op's wgrad_chain), "accumulator" (WeightGradAccumulator) or "autograd"
+    (each step's dW on its own, summed by autograd)."""
+    chain = wgrad_chain(steps) if how == "chain" else None
+    acc = WeightGradAccumulator() if how == "accumulator" else None
+    if acc is not None:
+        w13, w2 = acc.track(w13, w2)
+    h = x
+    for _ in range(steps):
+        z = torch.nn.functional.rms_norm(h + x, (x.shape[1],), eps=1e-6)
+        if chain is not None:
+            y, chain = expert_swiglu_mlp_op(z, w13, w2, offsets, wgrad_chain=chain)
+        else:
+            y = expert_swiglu_mlp(z, w13, w2, offsets, wgrad_acc=acc, backend="triton")
+        h = h + 0.5 * y
+    return h
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("steps", [2, 3])
+def test_wgrad_chain_matches_accumulator(device, steps, dtype):
+    """The chain runs the same wgrad kernels in the same order as the eager accumulator (the
+    last step's backward writes fp32, the middle ones add into a copy, the first adds and
+    writes the weights' dtype), so every value and gradient comes out the same, bit for bit
+    (bf16 too: one rounding of the fp32 sum per weight; the interpreter's bf16 values are off,
+    but the same in both runs)."""
+    x, w13, w2, dy, offsets, _ = make(*CASES[2], False, device, dtype)
+    out = {}
+    for how in ("chain", "accumulator"):
+        y, leaves = grads(irl_loop, (x, w13, w2), offsets, steps, how)
+        y.backward(dy)
+        out[how] = [y] + [t.grad for t in leaves]
+    for a, b in zip(out["chain"], out["accumulator"]):
+        assert a.dtype == dtype
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    if dtype != torch.float32:
+        return
+    y_r, leaves_r = grads(irl_loop, (x, w13, w2), offsets, steps, "autograd")
+    y_r.backward(dy)
+    for a, b in zip(out["chain"][1:], leaves_r):
+        assert rel(a, b.grad) < 1e-5
+
+
+def test_wgrad_chain_backward_order(device, monkeypatch):
+    """Three steps: the last one's backward (first to run) starts the fp32 sums, the middle
+    one adds into them, the first one ends the chain in the weights' dtype; only it hands the
+    weights a gradient, and the links hold no memory."""
+    calls, real = [], expert_mlp_op._bwd
+
+    def spy(*args):
+        calls.append((args[9] is None, args[10] is None, args[11]))
+        return real(*args)
+
+    monkeypatch.setattr(expert_mlp_op, "_bwd", spy)
+    x, w13, w2, dy, offsets, _ = make(*CASES[0], False, device)
+    links = []
+    real_fwd = expert_mlp_op._fwd
+    monkeypatch.setattr(expert_mlp_op, "_fwd", lambda *a: links.append(real_fwd(*a)) or links[-1])
+    y, leaves = grads(irl_loop, (x, w13, w2), offsets, 3, "chain")
+    y.backward(dy)
+    assert calls == [(True, True, False), (False, False, False), (False, False, True)]
+    assert [tuple(o[3].shape) for o in links] == [tuple(w13.shape)] * 2 + [(0,)]
+    assert all(o[3].stride() == (0, 0, 0) and o[4].stride() == (0, 0, 0) for o in links[:2])
+    assert all(t.grad is not None for t in leaves)
+
+
+def test_wgrad_chain_without_grad(device):
+    x, w13, w2, _, offsets, _ = make(*CASES[0], False, device)
+    with torch.no_grad():
+        y, chain = expert_swiglu_mlp_op(x, w13, w2, offsets, wgrad_chain=wgrad_chain(2))
+    assert chain is None
+    assert rel(y, expert_swiglu_mlp_reference(x, w13, w2, offsets)) < 1e-5
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        wgrad_chain(0)
 
 
 @pytest.mark.slow
-def test_compiled_irl_loop_has_no_graph_break(device):
-    """Two IRL-like steps around the public op under torch.compile: one graph, same values
-    and gradients as eager (the public function routes to the custom ops while tracing)."""
+@pytest.mark.parametrize("how", ["autograd", "chain"])
+def test_compiled_chain_matches_eager(device, how):
+    """The S-step loop under torch.compile (fullgraph) against eager: no graph break (the
+    public function routes to the custom ops while tracing), the same values and gradients,
+    with the weight-gradient chain and without."""
     from torch._dynamo.utils import counters
 
     x, w13, w2, dy, offsets, _ = make(*CASES[0], False, device)
-
-    def irl(x, w13, w2):
-        h = x
-        for _ in range(2):
-            z = torch.nn.functional.rms_norm(h + x, (x.shape[1],), eps=1e-6)
-            h = h + 0.5 * expert_swiglu_mlp(z, w13, w2, offsets, backend="triton")
-        return h
-
     torch._dynamo.reset()
     counters.clear()
-    y, leaves = grads(torch.compile(irl, fullgraph=True), (x, w13, w2))
+    loop = torch.compile(irl_loop, fullgraph=True)
+    y, leaves = grads(loop, (x, w13, w2), offsets, 3, how)
     y.backward(dy)
-    y_e, leaves_e = grads(irl, (x, w13, w2))
+    y_e, leaves_e = grads(irl_loop, (x, w13, w2), offsets, 3, how)
     y_e.backward(dy)
     assert not counters["graph_break"]
     assert rel(y, y_e) < 1e-5
     for a, b in zip(leaves, leaves_e):
-        assert rel(a.grad, b.grad) < 1e-4
+        assert rel(a.grad, b.grad) < 1e-5

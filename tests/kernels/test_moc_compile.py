@@ -11,8 +11,12 @@ import tests.unit.test_layer_vs_reference as oracle
 @pytest.mark.slow
 # moe_drops / heavy_drops: capacity drops and tokens with every pair dropped, so the gather
 # and masks the combiners took over from the layer glue (mediator.token_states) run compiled
-@pytest.mark.parametrize("case", ["soft_S2_R2", "hard_S2_R2", "moe_drops", "heavy_drops"])
-def test_compiled_layer_matches_oracle(megatron_world, device, monkeypatch, case):
+# hard_S3_R2 + recompute: the IRL steps' weight-gradient chain through checkpointed, compiled
+# steps, with a middle link (kernels/expert_mlp_op.py)
+@pytest.mark.parametrize("case, recompute", [("soft_S2_R2", "none"), ("hard_S2_R2", "none"),
+                                             ("moe_drops", "none"), ("heavy_drops", "none"),
+                                             ("hard_S3_R2", "experts")])
+def test_compiled_layer_matches_oracle(megatron_world, device, monkeypatch, case, recompute):
     from torch._dynamo.utils import counters
 
     from megatron_moc.model.compile import compile_regions
@@ -22,6 +26,7 @@ def test_compiled_layer_matches_oracle(megatron_world, device, monkeypatch, case
 
     def build_pair(*args, **kwargs):
         ref, ours, cfg = real(*args, **kwargs)
+        cfg.moc_recompute = recompute
         compiled.extend(compile_regions(ours))
         return ref, ours, cfg
 

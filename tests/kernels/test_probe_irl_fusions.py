@@ -1,5 +1,5 @@
-"""tools/probe_irl_fusions.py: its IRL steps are the model's (soft mode, fp32 accumulation or
-not), and each kernel is charged to the expert MLP or to the work around it."""
+"""tools/probe_irl_fusions.py: its IRL steps are the model's (soft mode, the weight-gradient
+chain), and each kernel is charged to the expert MLP or to the work around it."""
 
 import pytest
 import torch
@@ -18,11 +18,10 @@ def _inputs(device, e=3, d=24, f=40, p=37):
             mk(e, d, 2 * f) / d ** 0.5, mk(e, f, d) / f ** 0.5, offsets)
 
 
-@pytest.mark.parametrize("eager_acc", [False, True])
-def test_irl_steps_match_the_spec(device, eager_acc):
+def test_irl_steps_match_the_spec(device):
     x, norm_w, act, w13, w2, off = _inputs(device)
     leaves = [t.requires_grad_() for t in (x, norm_w, act, w13, w2)]
-    got = probe.irl_steps(x, norm_w, act, w13, w2, off, 2, eager_acc=eager_acc)
+    got = probe.irl_steps(x, norm_w, act, w13, w2, off, 2)
     got.square().sum().backward()
     got_grads = [t.grad.clone() for t in leaves]
     d64 = [t.detach().double().requires_grad_() for t in leaves]
