@@ -11,22 +11,22 @@ E experts, D hidden size, F ffn size. w13 [E, D, 2F] (columns [0, F) gate, [F, 2
 w2 [E, F, D]. offsets int64 [E+1] on the device, as in grouped_gemm.
 
 Public API
-    grouped_swiglu(x, w13, offsets, gather_index=None, *, wgrad_acc=None, backend=None)
+    grouped_swiglu(x, w13, offsets, gather_index=None, *, backend=None)
         -> h [P, F] = silu(X·Wg) * (X·Wu) per expert. Saves the pre-activation [P, 2F]
         (written by the same kernel's epilogue); backward does the SwiGLU derivative in torch
         (fp32) and reuses the GEMM kernels for dX and dW13.
-    expert_swiglu_mlp(x, w13, w2, offsets, gather_index=None, *, wgrad_acc=None, backend=None)
-        -> y [P, D]. Forward: fused W13+SwiGLU kernel, then the W2 grouped GEMM. Saves x,
+    expert_swiglu_mlp(x, w13, w2, offsets, gather_index=None, *, wgrad_chain=None, backend=None)
+        -> y [P, D] (with a wgrad_chain: (y, the chain for the next use)). Forward: fused W13+SwiGLU kernel, then the W2 grouped GEMM. Saves x,
         the pre-activation [P, 2F] and h [P, F] (h feeds the W2 weight gradient; the
         unfused grouped_mm path keeps the same tensors). Backward: dh = dY·W2^T, then the
         SwiGLU backward -> d(gate|up) [P, 2F]; wgrad for W2 and W13; dX = d(gate|up)·W13^T,
         scattered back through gather_index (index_add, see grouped_gemm).
     grouped_swiglu_reference / expert_swiglu_mlp_reference: same signatures, fp32 (fp64)
         per-expert loop, differentiable by autograd.
-    wgrad_acc: a kernels.wgrad_accumulator.WeightGradAccumulator tracking w13 (and w2): the S IRL
-        steps then build one fp32 gradient per weight, cast once (eager only; the traceable
-        equivalent is the custom op's wgrad_chain, kernels/expert_mlp_op.py).
-    Under torch.compile, expert_swiglu_mlp runs as custom ops (kernels/expert_mlp_op.py).
+    wgrad_chain: the S IRL steps' uses of the same w13 and w2 give one fp32 weight-gradient
+        sum, rounded once (kernels.expert_mlp_op.wgrad_chain(S) for the first use, then what
+        each use returns); such uses run as the custom ops of kernels/expert_mlp_op.py.
+    Under torch.compile, expert_swiglu_mlp runs as those custom ops too.
 """
 from __future__ import annotations
 
@@ -35,20 +35,15 @@ import torch.nn.functional as F
 
 from kernels.expert_mlp_op import expert_swiglu_mlp_op
 from kernels.gmm_backend import swiglu_bwd_math
-from kernels.grouped_gemm import (grouped_gemm_reference, primitives, scatter_rows,
-                                  wgrad_into)
-
-
-def _slot(acc, w):
-    return None if acc is None else acc.slot(w)
+from kernels.grouped_gemm import grouped_gemm_reference, primitives, scatter_rows
 
 
 class _GroupedSwiglu(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w13, offsets, gather_index, acc, slot, prims):
+    def forward(ctx, x, w13, offsets, gather_index, prims):
         h, pre = prims.gmm_swiglu(x, w13, offsets, gather_index, store_pre=True)
         ctx.save_for_backward(x, w13, offsets, gather_index, pre)
-        ctx.acc, ctx.slot, ctx.prims = acc, slot, prims
+        ctx.prims = prims
         return h
 
     @staticmethod
@@ -60,82 +55,78 @@ class _GroupedSwiglu(torch.autograd.Function):
             dxp = ctx.prims.gmm(dgu, w13, offsets, trans_w=True)
             dx = scatter_rows(dxp, gather_index, x.shape[0])
         if ctx.needs_input_grad[1]:
-            dw13 = wgrad_into(ctx.prims, ctx.acc, ctx.slot, x, dgu, offsets, gather_index,
-                              w13.dtype)
-        return dx, dw13, None, None, None, None, None
+            dw13 = ctx.prims.wgrad(x, dgu, offsets, gather_index, out_dtype=w13.dtype)
+        return dx, dw13, None, None, None
 
 
-def grouped_swiglu(x, w13, offsets, gather_index=None, *, wgrad_acc=None, backend=None):
+def grouped_swiglu(x, w13, offsets, gather_index=None, *, backend=None):
     """h [P, F] = silu(X[rows_e]·W13[e][:, :F]) * (X[rows_e]·W13[e][:, F:]).
 
     Args: x [T, D]; w13 [E, D, 2F]; offsets int64 [E+1]; gather_index int64 [P] or None;
-        wgrad_acc: WeightGradAccumulator tracking w13, or None; backend: see gmm_backend.
+        backend: see gmm_backend.
     Returns: h [P, F] in x.dtype; zeros in rows [offsets[E], P)."""
     prims = primitives(backend, x)
     if not (torch.is_grad_enabled() and (x.requires_grad or w13.requires_grad)):
         return prims.gmm_swiglu(x, w13, offsets, gather_index, store_pre=False)[0]
-    return _GroupedSwiglu.apply(x, w13, offsets, gather_index, wgrad_acc,
-                                _slot(wgrad_acc, w13), prims)
+    return _GroupedSwiglu.apply(x, w13, offsets, gather_index, prims)
 
 
 class _ExpertSwigluMLP(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w13, w2, offsets, gather_index, acc, slots, prims):
+    def forward(ctx, x, w13, w2, offsets, gather_index, prims):
         # h is internal (W2's input, saved for its wgrad): both stop at offsets[E]
         h, pre = prims.gmm_swiglu(x, w13, offsets, gather_index, store_pre=True, zero_tail=False)
         y = prims.gmm(h, w2, offsets)
         ctx.save_for_backward(x, w13, w2, offsets, gather_index, pre, h)
-        ctx.acc, ctx.slots, ctx.prims = acc, slots, prims
+        ctx.prims = prims
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x, w13, w2, offsets, gather_index, pre, h = ctx.saved_tensors
-        prims, acc = ctx.prims, ctx.acc
+        prims = ctx.prims
         dy = dy.contiguous()     # a stride-0 grad (from .sum()) breaks grouped_mm's kernels
         dgu = prims.gmm_swiglu_bwd(dy, w2, offsets, pre)    # [P, 2F]
         dx = dw13 = dw2 = None
         if ctx.needs_input_grad[2]:
-            dw2 = wgrad_into(prims, acc, ctx.slots[1], h, dy, offsets, None, w2.dtype)
+            dw2 = prims.wgrad(h, dy, offsets, out_dtype=w2.dtype)
         if ctx.needs_input_grad[1]:
-            dw13 = wgrad_into(prims, acc, ctx.slots[0], x, dgu, offsets, gather_index,
-                              w13.dtype)
+            dw13 = prims.wgrad(x, dgu, offsets, gather_index, out_dtype=w13.dtype)
         if ctx.needs_input_grad[0]:
             dxp = prims.gmm(dgu, w13, offsets, trans_w=True)
             dx = scatter_rows(dxp, gather_index, x.shape[0])
-        return dx, dw13, dw2, None, None, None, None, None
+        return dx, dw13, dw2, None, None, None
 
 
-def expert_swiglu_mlp(x, w13, w2, offsets, gather_index=None, *, wgrad_acc=None,
+def expert_swiglu_mlp(x, w13, w2, offsets, gather_index=None, *, wgrad_chain=None,
                       backend=None):
     """y [P, D] = grouped_gemm(grouped_swiglu(x, w13, ...), w2, ...), fused (module docstring).
 
     Args: x [T, D]; w13 [E, D, 2F]; w2 [E, F, D]; offsets int64 [E+1] on x's device;
         gather_index int64 [P] or None (row p reads x[gather_index[p]]);
-        wgrad_acc: WeightGradAccumulator tracking w13 and w2, or None;
+        wgrad_chain: this use's place among the S uses of w13 and w2 whose weight gradients
+            add up in fp32 (kernels.expert_mlp_op.wgrad_chain), or None;
         backend: None/"auto", "triton", "grouped_mm", "loop".
-    Returns: y [P, D] in x.dtype; zeros in rows [offsets[E], P)."""
+    Returns: y [P, D] in x.dtype, zeros in rows [offsets[E], P); with a wgrad_chain,
+        (y, the chain for the next use: None after the last)."""
     if w2.shape[0] != w13.shape[0] or 2 * w2.shape[1] != w13.shape[2]:
         raise ValueError(f"w2 must be [E, F, D] = [{w13.shape[0]}, {w13.shape[2] // 2}, "
                          f"{w13.shape[1]}], got {tuple(w2.shape)}")
-    if torch.compiler.is_compiling():
-        # torch.compile: the same MLP as opaque custom ops (kernels/expert_mlp_op.py), so the
-        # graph does not break here; the fp32 accumulator is an eager-mode object.
-        if wgrad_acc is not None:
-            raise ValueError("wgrad_acc is eager-only: under torch.compile pass None")
-        return expert_swiglu_mlp_op(x, w13, w2, offsets, gather_index, backend)
+    if wgrad_chain is not None or torch.compiler.is_compiling():
+        # The same MLP as opaque custom ops (kernels/expert_mlp_op.py): torch.compile does not
+        # break its graph here, and the chain's fp32 sum travels along autograd edges.
+        return expert_swiglu_mlp_op(x, w13, w2, offsets, gather_index, backend,
+                                    wgrad_chain=wgrad_chain)
     prims = primitives(backend, x)
     if not (torch.is_grad_enabled() and (x.requires_grad or w13.requires_grad
                                          or w2.requires_grad)):
         h, _ = prims.gmm_swiglu(x, w13, offsets, gather_index, store_pre=False,
                                 zero_tail=False)
         return prims.gmm(h, w2, offsets)        # inference: save nothing
-    slots = (_slot(wgrad_acc, w13), _slot(wgrad_acc, w2))
-    return _ExpertSwigluMLP.apply(x, w13, w2, offsets, gather_index, wgrad_acc, slots, prims)
+    return _ExpertSwigluMLP.apply(x, w13, w2, offsets, gather_index, prims)
 
 
-def grouped_swiglu_reference(x, w13, offsets, gather_index=None, *, wgrad_acc=None,
-                             backend=None):
+def grouped_swiglu_reference(x, w13, offsets, gather_index=None, *, backend=None):
     """Plain-torch twin of grouped_swiglu (fp32, fp64 for fp64 input)."""
     ct = torch.float64 if x.dtype == torch.float64 else torch.float32
     pre = grouped_gemm_reference(x.to(ct), w13.to(ct), offsets, gather_index)
@@ -143,8 +134,7 @@ def grouped_swiglu_reference(x, w13, offsets, gather_index=None, *, wgrad_acc=No
     return (F.silu(pre[:, :f]) * pre[:, f:]).to(x.dtype)
 
 
-def expert_swiglu_mlp_reference(x, w13, w2, offsets, gather_index=None, *, wgrad_acc=None,
-                                backend=None):
+def expert_swiglu_mlp_reference(x, w13, w2, offsets, gather_index=None, *, backend=None):
     """Plain-torch twin of expert_swiglu_mlp (fp32, fp64 for fp64 input)."""
     ct = torch.float64 if x.dtype == torch.float64 else torch.float32
     h = grouped_swiglu_reference(x.to(ct), w13.to(ct), offsets, gather_index)

@@ -12,12 +12,14 @@ Shape legend: P dispatched rows, T source rows, E experts, D hidden size, F ffn 
                          wgrad_chain=None) -> y [P, D], or (y, next chain) with a chain
 
 Same contract as kernels.expert_mlp.expert_swiglu_mlp (whose twin is the reference there);
-kernels.expert_mlp.expert_swiglu_mlp routes here by itself while torch.compile traces.
+kernels.expert_mlp.expert_swiglu_mlp routes here by itself while torch.compile traces and
+whenever it is given a wgrad_chain.
 
 **The S IRL steps' weight gradients, one fp32 sum (`wgrad_chain`).** The steps reuse w13 and
-w2; their dW should be summed in fp32 inside the wgrad kernel and rounded once, as
-kernels/wgrad_accumulator.py does eagerly. That object keeps Python state between backward
-calls, which Dynamo cannot trace, so here the sum travels along autograd edges instead: each
+w2; their dW should be summed in fp32 inside the wgrad kernel and rounded once (autograd and
+F.grouped_mm would round each step's dW to bf16 before the sum). An object collecting the
+sums between backward calls would keep Python state, which Dynamo cannot trace, so the sum
+travels along autograd edges instead: each
 step but the last also returns a *link* per weight (an fp32 [E, K, N] placeholder with zero
 strides, no memory), and the next step takes it as an input. Backward runs the steps in
 reverse. The last step's backward writes its dW in fp32 and returns it as the gradient of its

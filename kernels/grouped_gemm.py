@@ -9,7 +9,7 @@ Shape legend: P dispatched rows, T source rows (x before a gather), E experts, K
 N out-dim. Dtypes: bf16 / fp16 / fp32 in, fp32 accumulation, output in the input dtype.
 
 Public API
-    grouped_gemm(x, w, offsets, gather_index=None, *, wgrad_acc=None, backend=None) -> y
+    grouped_gemm(x, w, offsets, gather_index=None, *, backend=None) -> y
         x [T, K] (T = P without gather), w [E, K, N], offsets int64 [E+1] on x's device,
         offsets[0] = 0, nondecreasing, offsets[E] <= P. Rows [offsets[E], P) of y are zeros.
         gather_index int64 [P]: row p of the GEMM input is x[gather_index[p]], read by the
@@ -17,11 +17,11 @@ Public API
         dx = zeros([T, K]).index_add_(0, gather_index, dY @ W^T): a source row used by
         several dispatched rows (top-k) receives the sum of their gradients.
     grouped_gemm_reference(...)   same signature, fp32 (fp64 for fp64 input) per-expert loop.
-    wgrad_acc: a kernels.wgrad_accumulator.WeightGradAccumulator: S uses of the same
-        weights -> one fp32 weight gradient, filled by the wgrad kernel, rounded once.
+    (The S IRL steps' fp32 weight-gradient sum over reuses of the same weights is the expert
+    MLP's `wgrad_chain`, kernels/expert_mlp_op.py; a GEMM op on its own rounds each use's dW.)
     launch_gmm / launch_gmm_swiglu / launch_gmm_swiglu_bwd / launch_wgrad: the launchers,
         for callers that manage autograd themselves; launch_wgrad(..., accumulate_into=buf)
-        adds into an fp32 [E, K, N] buffer.
+        adds into an fp32 [E, K, N] buffer (what the chain runs on).
 
 On Hopper-class GPUs (and in the CPU interpreter) the launchers hand off to the TMA kernels
 of kernels/grouped_gemm_tma.py (same contracts; MOC_GMM_TMA=on/off/auto); the pointer kernels
@@ -502,20 +502,11 @@ def scatter_rows(dxp, gather_index, num_rows):
     return out.index_add_(0, gather_index, dxp)
 
 
-def wgrad_into(prims, acc, slot, a, dy, offsets, gather_index, dtype):
-    """dW for one weight: returned, or (with an accumulator) added in fp32 and None returned."""
-    if acc is None:
-        return prims.wgrad(a, dy, offsets, gather_index, out_dtype=dtype)
-    acc.add(slot, lambda buf, out_dtype: prims.wgrad(a, dy, offsets, gather_index,
-                                                     accumulate_into=buf, out_dtype=out_dtype))
-    return None
-
-
 class _GroupedGemm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w, offsets, gather_index, acc, slot, prims):
+    def forward(ctx, x, w, offsets, gather_index, prims):
         ctx.save_for_backward(x, w, offsets, gather_index)
-        ctx.acc, ctx.slot, ctx.prims = acc, slot, prims
+        ctx.prims = prims
         return prims.gmm(x, w, offsets, gather_index)
 
     @staticmethod
@@ -527,25 +518,22 @@ class _GroupedGemm(torch.autograd.Function):
             dxp = ctx.prims.gmm(dy, w, offsets, trans_w=True)
             dx = scatter_rows(dxp, gather_index, x.shape[0])
         if ctx.needs_input_grad[1]:
-            dw = wgrad_into(ctx.prims, ctx.acc, ctx.slot, x, dy, offsets, gather_index, w.dtype)
-        return dx, dw, None, None, None, None, None
+            dw = ctx.prims.wgrad(x, dy, offsets, gather_index, out_dtype=w.dtype)
+        return dx, dw, None, None, None
 
 
-def grouped_gemm(x, w, offsets, gather_index=None, *, wgrad_acc=None, backend=None):
+def grouped_gemm(x, w, offsets, gather_index=None, *, backend=None):
     """Y [P, N] = X[rows_e] @ W[e] per expert (see the module docstring for the contract).
 
     Args: x [T, K]; w [E, K, N]; offsets int64 [E+1] (device); gather_index int64 [P] or None;
-        wgrad_acc: a WeightGradAccumulator tracking `w` (fp32 gradient over reuses);
         backend: None/"auto", "triton", "grouped_mm" or "loop".
     Returns: y [P, N] in x.dtype, zeros in rows [offsets[E], P)."""
-    slot = None if wgrad_acc is None else wgrad_acc.slot(w)
-    return _GroupedGemm.apply(x, w, offsets, gather_index, wgrad_acc, slot,
-                              primitives(backend, x))
+    return _GroupedGemm.apply(x, w, offsets, gather_index, primitives(backend, x))
 
 
-def grouped_gemm_reference(x, w, offsets, gather_index=None, *, wgrad_acc=None, backend=None):
+def grouped_gemm_reference(x, w, offsets, gather_index=None, *, backend=None):
     """Plain-torch twin: per-expert loop in fp32 (fp64 for fp64 input); differentiable by
-    autograd. wgrad_acc and backend are accepted and ignored (the reference has one path)."""
+    autograd. backend is accepted and ignored (the reference has one path)."""
     ct = torch.float64 if x.dtype == torch.float64 else torch.float32
     rows = x if gather_index is None else x[gather_index]
     bounds = offsets.tolist()   # host sync: reference only

@@ -13,7 +13,7 @@ store) runs under the other's wgmma main loop. What differs from the forward ker
   unwritten tail of an internal tensor: possibly NaN); the consumer zeroes them in shared
   memory before the wgmma reads the slot, in both operands (0 * NaN would still be NaN);
 - the accumulator starts from the fp32 addend (ACCUMULATE: the S-step weight-gradient sum,
-  kernels/wgrad_accumulator.py) or from zero; experts without rows store it as it is. The store is by pointer, masked at K and N, in C's dtype (fp32 or bf16).
+  the wgrad_chain of kernels/expert_mlp_op.py) or from zero; experts without rows store it as it is. The store is by pointer, masked at K and N, in C's dtype (fp32 or bf16).
 
 Or cooperative (`consumers = ws.COOP`, the forward kernel's other schedule): both consumer
 warpgroups work on every tile, each on one half of its K rows (SUB_K = BLOCK_K / 2), so a

@@ -30,7 +30,7 @@ from kernels import grouped_gemm_ws as ws                                      #
 from kernels import grouped_gemm_ws_wgrad as wsw                               # noqa: E402
 from kernels import sustained_timing                                           # noqa: E402
 from kernels.expert_mlp import expert_swiglu_mlp, expert_swiglu_mlp_reference  # noqa: E402
-from kernels.wgrad_accumulator import WeightGradAccumulator                    # noqa: E402
+from kernels.expert_mlp_op import wgrad_chain                                  # noqa: E402
 
 SHAPES = [(8, 768, 2048), (8, 2048, 5632), (16, 2048, 2816), (64, 2048, 1408)]
 GEMM_SHAPES = [(8, 2048, 5632), (8, 768, 2048), (8, 1024, 3200)]   # the last: moe_1b's experts
@@ -333,9 +333,9 @@ def check_bf16(shape=(8, 768, 2048), p=32768):
     return dict(part="bf16_check", E=e, d=d, f=f, ok=ok, **errs)
 
 
-def hard_mode_steps(shape, p):
-    """S = 2 expert MLP steps on shared weights (fp32 wgrad accumulation). Soft: both steps on
-    all rows. Hard, as the MoC experts run it (megatron_moc/moc/experts.py `_hard_step`):
+def hard_mode_steps(shape, p, dtype=torch.bfloat16):
+    """S = 2 expert MLP steps on shared weights (one fp32 weight-gradient chain, as the MoC
+    experts run them). Soft: both steps on all rows. Hard, as the MoC experts run it (megatron_moc/moc/experts.py `_hard_step`):
     step 2 permutes the rows so each expert's active half comes first and the inactive rows
     form the zero tail, runs the MLP on those offsets, and permutes back (both directions,
     forward and backward, are gathers). Also timed: step 2 reading the active rows through
@@ -346,7 +346,7 @@ def hard_mode_steps(shape, p):
     from megatron_moc.moc.dispatch import permute_rows
     e, d, f = shape
     offsets, counts = routing(p, e, "balanced")
-    bf = dict(device=DEV, dtype=torch.bfloat16)
+    bf = dict(device=DEV, dtype=dtype)
     w13 = (torch.randn(e, d, 2 * f, **bf) / d ** 0.5).requires_grad_()
     w2 = (torch.randn(e, f, d, **bf) / f ** 0.5).requires_grad_()
     active = torch.arange(p, device=DEV) % 2 == 0      # every other row stays active
@@ -362,21 +362,21 @@ def hard_mode_steps(shape, p):
     # times): a .sum() would hand autograd stride-0 grads whose copies and gathers take other
     # kernels, and a reduction that is not the experts' work.
     dys = [(torch.randn(p, d, **bf), torch.randn(p, d, **bf)) for _ in range(ROT)]
+    dys = [(g1, g2, g2[keep]) for g1, g2 in dys]   # the gather variant's rows: keep's order
     rot = Rot(list(zip(xs, dys)))
 
     def step2(mode):
         x, dy = rot.next()
-        acc = WeightGradAccumulator()
-        w13_t, w2_t = acc.track(w13, w2)
-        h1 = expert_swiglu_mlp(x, w13_t, w2_t, offsets, wgrad_acc=acc)
+        h1, chain = expert_swiglu_mlp(x, w13, w2, offsets, wgrad_chain=wgrad_chain(2))
         if mode == "soft":
-            h2 = expert_swiglu_mlp(h1, w13_t, w2_t, offsets, wgrad_acc=acc)
+            h2, _ = expert_swiglu_mlp(h1, w13, w2, offsets, wgrad_chain=chain)
         elif mode == "hard":
-            h2 = permute_rows(expert_swiglu_mlp(permute_rows(h1, order, inverse), w13_t, w2_t,
-                                                off2, wgrad_acc=acc), inverse, order)
+            y2, _ = expert_swiglu_mlp(permute_rows(h1, order, inverse), w13, w2, off2,
+                                      wgrad_chain=chain)
+            h2 = permute_rows(y2, inverse, order)
         else:
-            h2 = expert_swiglu_mlp(h1, w13_t, w2_t, off2, keep, wgrad_acc=acc)
-        torch.autograd.backward((h1, h2), (dy[0], dy[1][: h2.shape[0]]))   # gather: fewer rows
+            h2, _ = expert_swiglu_mlp(h1, w13, w2, off2, keep, wgrad_chain=chain)
+        torch.autograd.backward((h1, h2), (dy[0], dy[2] if mode == "hard_gather" else dy[1]))
 
     return step2, xs + [w13, w2]
 

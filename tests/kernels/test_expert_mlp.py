@@ -6,7 +6,7 @@ import torch
 
 from kernels.expert_mlp import (expert_swiglu_mlp, expert_swiglu_mlp_reference, grouped_swiglu,
                                 grouped_swiglu_reference)
-from kernels.wgrad_accumulator import WeightGradAccumulator
+from kernels.expert_mlp_op import wgrad_chain
 
 # (E, D, F, rows per expert, zero-tail rows)
 CASES = [
@@ -78,17 +78,17 @@ def test_grouped_swiglu_matches_reference(case, gather, device, poison, gmm_path
 @pytest.mark.parametrize("backend", ["triton", "grouped_mm"])
 def test_mlp_fp32_accumulation_over_steps(backend, device):
     """S = 2 IRL-like steps on shared weights, the second on a compacted half of the rows
-    (hard mode), through one WeightGradAccumulator."""
+    (hard mode), through one weight-gradient chain."""
     dev = device if backend == "triton" else "cpu"
     x, w13, w2, dy, offsets, _ = make(4, 32, 16, [10, 0, 12, 10], 0, False, dev)
     keep = torch.arange(0, 32, 2, device=dev)        # rows still active after step 1
     off2 = torch.tensor([0, 5, 5, 11, 16], device=dev)
     w13 = w13.requires_grad_()
     w2 = w2.requires_grad_()
-    acc = WeightGradAccumulator()
-    w13_t, w2_t = acc.track(w13, w2)
-    h1 = expert_swiglu_mlp(x, w13_t, w2_t, offsets, wgrad_acc=acc, backend=backend)
-    h2 = expert_swiglu_mlp(h1, w13_t, w2_t, off2, keep, wgrad_acc=acc, backend=backend)
+    h1, chain = expert_swiglu_mlp(x, w13, w2, offsets, wgrad_chain=wgrad_chain(2),
+                                  backend=backend)
+    h2, chain = expert_swiglu_mlp(h1, w13, w2, off2, keep, wgrad_chain=chain, backend=backend)
+    assert chain is None
     ((h1 * dy).sum() + (h2 * dy[:16]).sum()).backward()
     w13_r = w13.detach().double().requires_grad_()
     w2_r = w2.detach().double().requires_grad_()
@@ -153,17 +153,16 @@ def test_swiglu_bwd_tail_rows(device, zero_tail):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_bf16_accumulated_steps_on_gpu():
-    """Two steps on bf16 weights through one WeightGradAccumulator: the second (last) wgrad
-    adds the fp32 buffer and writes bf16 itself; the step-2 rows half in the zero tail."""
+    """Two steps on bf16 weights through one weight-gradient chain: the first step's wgrad
+    (its backward runs last) adds the fp32 sum and writes bf16 itself; the step-2 rows half
+    in the zero tail."""
     counts = [900, 0, 2100, 37, 501, 700, 1, 400]
     x, w13, w2, dy, offsets, _ = make(8, 256, 384, counts, 7, False, "cuda",
                                       dtype=torch.bfloat16)
     off2 = offsets // 2            # step 2: fewer rows, the rest in the zero tail
     w13, w2 = w13.requires_grad_(), w2.requires_grad_()
-    acc = WeightGradAccumulator()
-    w13_t, w2_t = acc.track(w13, w2)
-    h1 = expert_swiglu_mlp(x, w13_t, w2_t, offsets, wgrad_acc=acc)
-    h2 = expert_swiglu_mlp(h1, w13_t, w2_t, off2, wgrad_acc=acc)
+    h1, chain = expert_swiglu_mlp(x, w13, w2, offsets, wgrad_chain=wgrad_chain(2))
+    h2, _ = expert_swiglu_mlp(h1, w13, w2, off2, wgrad_chain=chain)
     ((h1.float() * dy.float()).sum() + (h2.float() * dy.float()).sum()).backward()
     w13_r = w13.detach().float().requires_grad_()
     w2_r = w2.detach().float().requires_grad_()

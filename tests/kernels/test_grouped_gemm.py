@@ -9,7 +9,6 @@ import torch
 
 from kernels import gmm_backend
 from kernels.grouped_gemm import grouped_gemm, grouped_gemm_reference, launch_wgrad
-from kernels.wgrad_accumulator import WeightGradAccumulator
 
 # (E, K, N, rows per expert, zero-tail rows)
 CASES = [
@@ -79,7 +78,8 @@ def test_wgrad_accumulates_into_fp32_buffer(gather, device, gmm_path):
 @pytest.mark.parametrize("gather", [False, True])
 def test_wgrad_final_add_writes_out_dtype(gather, device, gmm_path):
     """accumulate_into with a narrower out_dtype: the sum comes back in that dtype, in a new
-    tensor, and the fp32 buffer is left as it was (the accumulator's last use)."""
+    tensor, and the fp32 buffer is left as it was (the wgrad chain's first step, whose
+    backward runs last, kernels/expert_mlp_op.py)."""
     x, w, offsets, gidx, dy = make_case(*CASES[2], gather, device)
     start = torch.randn(w.shape, device=device)
     buf = start.clone()
@@ -88,53 +88,6 @@ def test_wgrad_final_add_writes_out_dtype(gather, device, gmm_path):
     assert out.dtype == torch.bfloat16 and out is not buf
     assert torch.equal(buf, start)
     assert rel(out, start.double() + dw_r) < 1e-2
-
-
-def test_accumulator_more_uses_than_backwards(device):
-    """A use whose output never reaches the loss: its wgrad never comes, so the count of
-    uses is not met and the fp32 sum is cast at the end; the gradient is still right."""
-    cases = [make_case(*CASES[0], gather, device, seed=s) for s, gather in
-             enumerate([False, True])]
-    w = cases[0][1].detach().requires_grad_()
-    acc = WeightGradAccumulator()
-    (w_t,) = acc.track(w)
-    x, _, offsets, gidx, dy = cases[0]
-    grouped_gemm(x, w_t, offsets, gidx, wgrad_acc=acc)        # dropped
-    loss = sum((grouped_gemm(x, w_t, offsets, gidx, wgrad_acc=acc) * dy).sum()
-               for x, _, offsets, gidx, dy in cases)
-    loss.backward()
-    w_r = w.detach().double().requires_grad_()
-    sum((grouped_gemm_reference(x.double(), w_r, offsets, gidx) * dy.double()).sum()
-        for x, _, offsets, gidx, dy in cases).backward()
-    assert rel(w.grad, w_r.grad) < 1e-5
-
-
-def test_accumulator_sums_steps_once(device):
-    """S = 3 uses of one weight (different routings) give one gradient, as if summed in fp32;
-    a gradient reaching the tracked view by another path is added too."""
-    cases = [make_case(*CASES[0], gather, device, seed=s) for s, gather in
-             enumerate([False, True, True])]
-    w = cases[0][1].detach().requires_grad_()
-    acc = WeightGradAccumulator()
-    (w_t,) = acc.track(w)
-    loss = (w_t * 2).sum()                            # a plain-autograd use of the view
-    for x, _, offsets, gidx, dy in cases:
-        loss = loss + (grouped_gemm(x, w_t, offsets, gidx, wgrad_acc=acc) * dy).sum()
-    loss.backward()
-    w_r = w.detach().double().requires_grad_()
-    loss_r = (w_r * 2).sum()
-    for x, _, offsets, gidx, dy in cases:
-        loss_r = loss_r + (grouped_gemm_reference(x.double(), w_r, offsets, gidx)
-                           * dy.double()).sum()
-    loss_r.backward()
-    assert w.grad.dtype == w.dtype
-    assert rel(w.grad, w_r.grad) < 1e-5
-
-
-def test_accumulator_refuses_untracked_weight(device):
-    x, w, offsets, gidx, _ = make_case(*CASES[0], False, device)
-    with pytest.raises(ValueError, match="does not track"):
-        grouped_gemm(x, w, offsets, wgrad_acc=WeightGradAccumulator())
 
 
 @pytest.mark.parametrize("backend", ["grouped_mm", "loop"])
