@@ -1,7 +1,7 @@
 """Probe: which device kernel each of the expert MLP's six GEMMs runs, ours and the baselines'.
 
     python3 tools/probe_gemm_kernels.py --shapes "8,768,2048"   # GPU; OUT=dir writes JSON too
-    python3 tools/probe_gemm_kernels.py --smoke                 # CPU: the script runs
+    python3 tools/probe_gemm_kernels.py --smoke                 # tiny shape: the script runs
 
 For every GEMM (W13 / W2 x forward / dgrad / wgrad, balanced routing) the torch profiler
 records a few back-to-back calls of our launch path (kernels/grouped_gemm.py), F.grouped_mm
@@ -77,9 +77,11 @@ def main(argv=None):
     ap.add_argument("--shapes", default="8,768,2048;8,2048,5632", help="E,d,f;E,d,f")
     ap.add_argument("--rows", type=int, default=32768)
     ap.add_argument("--calls", type=int, default=10)
-    ap.add_argument("--smoke", action="store_true", help="CPU, tiny shape: the script runs")
+    ap.add_argument("--smoke", action="store_true", help="tiny fp32 shape: the script runs")
     args = ap.parse_args(argv)
-    dev = "cpu" if args.smoke else "cuda"
+    # --smoke: on the GPU where there is one (the kernels run on CPU tensors only under
+    # TRITON_INTERPRET=1), else on the CPU
+    dev = "cuda" if not args.smoke or torch.cuda.is_available() else "cpu"
     dtype = torch.float32 if args.smoke else torch.bfloat16
     shapes = [(2, 16, 32)] if args.smoke else [
         tuple(int(v) for v in s.split(",")) for s in args.shapes.split(";")]
@@ -89,6 +91,9 @@ def main(argv=None):
         for name, (ours, gmm, dense, flops) in cases(shape, rows, dev, dtype).items():
             for method, fn in (("ours", ours), ("grouped_mm", gmm), ("mm", dense)):
                 ks = kernels_of(fn, dev, 2 if args.smoke else args.calls)
+                if not ks:
+                    raise RuntimeError(f"probe_gemm_kernels: the profiler recorded no kernel "
+                                       f"for {name} {method} on {dev}")
                 total = sum(t for _, t in ks)
                 print(f"{shape} {name:10s} {method:10s} {total:8.1f} us "
                       f"{flops / max(total, 1e-9) * 1e-6:6.0f} TFLOP/s", flush=True)

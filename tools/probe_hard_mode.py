@@ -37,8 +37,9 @@ def short_name(name: str) -> str:
     return name.split("::")[-1][:60]
 
 
-def kernel_times(run, iters):
-    """{kernel: (calls per iter, us per iter)} from torch.profiler over `iters` calls."""
+def kernel_times(run, iters, host_table=False):
+    """{kernel: (calls per iter, us per iter)} from torch.profiler over `iters` calls;
+    host_table: also print the host-side ops by self CPU time (syncs, copies, launches)."""
     from torch.profiler import ProfilerActivity, profile
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if bgg.DEV == "cuda" else [])
     with profile(activities=acts) as prof:
@@ -46,6 +47,8 @@ def kernel_times(run, iters):
             run()
         if bgg.DEV == "cuda":
             torch.cuda.synchronize()
+    if host_table:
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15), flush=True)
     agg = collections.defaultdict(lambda: [0, 0.0])
     for ev in prof.events():
         if bgg.DEV == "cuda" and ev.device_type == torch.autograd.DeviceType.CUDA:
@@ -55,20 +58,27 @@ def kernel_times(run, iters):
     return {k: (c / iters, us / iters) for k, (c, us) in agg.items()}
 
 
-def probe(shape, p, iters):
+def probe(shape, p, iters, eager=False):
     step2, leaves = bgg.hard_mode_steps(shape, p)
     res, wall = {}, {}
     for mode in MODES:
-        if bgg.DEV == "cuda":
+        if eager and bgg.DEV == "cuda":   # as the bench's eager column: grads reset per call
+            def run(mode=mode):
+                for t in leaves:
+                    t.grad = None
+                step2(mode)
+            wall[mode] = bgg.bench(run, rep=100)
+        elif bgg.DEV == "cuda":
             run = bgg.graphed(lambda: step2(mode), leaves)
             wall[mode] = bgg.bench(run, rep=100)
         else:
             run = lambda: step2(mode)         # noqa: E731 (the smoke run: eager, CPU)
             wall[mode] = bgg.bench(run)
-        res[mode] = kernel_times(run, iters)
+        res[mode] = kernel_times(run, iters, host_table=eager)
     names = sorted(set(res["soft"]) | set(res["hard"]),
                    key=lambda k: -max(res["soft"].get(k, (0, 0))[1], res["hard"].get(k, (0, 0))[1]))
-    print(f"\nshape {shape}, {p} rows: GPU us per fwd+bwd (graph replay wall: soft "
+    how = "eager" if eager else "graph replay"
+    print(f"\nshape {shape}, {p} rows: GPU us per fwd+bwd ({how} wall: soft "
           f"{wall['soft'] * 1e3:.0f} us, hard {wall['hard'] * 1e3:.0f} us)")
     print(f"{'kernel':60s} {'soft n':>6s} {'soft us':>8s} {'hard n':>6s} {'hard us':>8s} "
           f"{'hard/soft':>9s}")
@@ -90,6 +100,9 @@ def main(argv=None):
     ap.add_argument("--shapes", default="8,768,2048", help="E,d,f;E,d,f")
     ap.add_argument("--rows", type=int, default=32768)
     ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--eager", action="store_true",
+                    help="profile the eager calls instead of CUDA-graph replays (a gap between "
+                         "the wall and the kernel sum is host time the GPU waited for)")
     ap.add_argument("--smoke", action="store_true",
                     help="tiny shape on the CPU (needs TRITON_INTERPRET=1): checks the script")
     args = ap.parse_args(argv)
@@ -97,7 +110,7 @@ def main(argv=None):
     shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes.split(";")]
     if args.smoke:
         bgg.DEV, shapes, args.rows, args.iters = "cpu", [(4, 64, 96)], 256, 1
-    out = [probe(s, args.rows, args.iters) for s in shapes]
+    out = [probe(s, args.rows, args.iters, args.eager) for s in shapes]
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "probe_hard_mode.json"), "w") as fh:
             json.dump(out, fh, indent=1)
