@@ -75,11 +75,18 @@ def probe(shape, p, iters, eager=False):
             run = lambda: step2(mode)         # noqa: E731 (the smoke run: eager, CPU)
             wall[mode] = bgg.bench(run)
         res[mode] = kernel_times(run, iters, host_table=eager)
+    how = "eager" if eager else "graph replay"
+    table = side_by_side(res, f"\nshape {shape}, {p} rows: GPU us per fwd+bwd ({how} wall: "
+                              f"soft {wall['soft'] * 1e3:.0f} us, hard {wall['hard'] * 1e3:.0f} us)")
+    return dict(E=shape[0], d=shape[1], f=shape[2], wall_ms=wall, **table)
+
+
+def side_by_side(res, title):
+    """Print {mode: {kernel: (calls, us)}} for soft and hard as one table under `title`,
+    largest first; returns dict(rows=[...], kernel_sum_us={mode: us})."""
     names = sorted(set(res["soft"]) | set(res["hard"]),
                    key=lambda k: -max(res["soft"].get(k, (0, 0))[1], res["hard"].get(k, (0, 0))[1]))
-    how = "eager" if eager else "graph replay"
-    print(f"\nshape {shape}, {p} rows: GPU us per fwd+bwd ({how} wall: soft "
-          f"{wall['soft'] * 1e3:.0f} us, hard {wall['hard'] * 1e3:.0f} us)")
+    print(title)
     print(f"{'kernel':60s} {'soft n':>6s} {'soft us':>8s} {'hard n':>6s} {'hard us':>8s} "
           f"{'hard/soft':>9s}")
     rows = []
@@ -90,9 +97,8 @@ def probe(shape, p, iters, eager=False):
         rows.append(dict(kernel=k, soft_calls=sn, soft_us=su, hard_calls=hn, hard_us=hu))
     tot = {m: sum(v[1] for v in res[m].values()) for m in MODES}
     print(f"{'sum of kernels':60s} {'':6s} {tot['soft']:8.1f} {'':6s} {tot['hard']:8.1f} "
-          f"{tot['hard'] / max(tot['soft'], 1e-9):9.2f}")
-    return dict(E=shape[0], d=shape[1], f=shape[2], rows=rows,
-                wall_ms=wall, kernel_sum_us=tot)
+          f"{tot['hard'] / max(tot['soft'], 1e-9):9.2f}", flush=True)
+    return dict(rows=rows, kernel_sum_us=tot)
 
 
 def main(argv=None):
@@ -114,6 +120,7 @@ def main(argv=None):
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "probe_hard_mode.json"), "w") as fh:
             json.dump(out, fh, indent=1)
+    return out
 
 
 if __name__ == "__main__":

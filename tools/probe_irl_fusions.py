@@ -38,17 +38,24 @@ OURS = ("_gmm_kernel", "_wgrad_kernel", "_gmm_tma_kernel", "_wgrad_tma_kernel",
 EPS = 1e-6
 
 
-def irl_steps(x, norm_w, activity, w13, w2, offsets, steps):
-    """h after `steps` soft IRL steps (MOC_MATH.md §3), each the model's own
+def irl_steps(x, norm_w, activity, w13, w2, offsets, steps, hard=None):
+    """h after `steps` IRL steps (MOC_MATH.md §3), each the model's own
     `IRLExperts._soft_step` on the Triton MLP, the steps' weight gradients summed in fp32
-    through the wgrad chain as the model does (kernels/expert_mlp_op.py)."""
+    through the wgrad chain as the model does (kernels/expert_mlp_op.py).
+    hard: (norm_weight [E, D], expert_P [P]) to run `IRLExperts._hard_step` instead (rows
+    with activity 0 skipped, norm_w unused, as in the model's hard mode)."""
     alpha = 1.0 / math.sqrt(steps)
     chain = wgrad_chain(steps) if steps > 1 else None
     h = x
     for s in range(steps):
         a = (activity[:, s:s + 1] * alpha).to(x.dtype)
-        update, chain = IRLExperts._soft_step(swiglu_mlp_triton, w13, w2, h, x, norm_w, a, chain,
-                                              offsets, EPS)
+        if hard is None:
+            update, chain = IRLExperts._soft_step(swiglu_mlp_triton, w13, w2, h, x, norm_w, a,
+                                                  chain, offsets, EPS)
+        else:
+            update, chain = IRLExperts._hard_step(swiglu_mlp_triton, w13, w2, hard[0], h, x,
+                                                  norm_w, a, chain, activity[:, s], hard[1],
+                                                  offsets, EPS)
         h = h + update
     return h
 

@@ -209,7 +209,8 @@ class IRLExperts(nn.Module):
             a_P1 = (activity_PS[:, s:s + 1] * self.alpha).to(x_PD.dtype)
             if hard:
                 step = functools.partial(self._hard_step, mlp, self.w13, self.w2,
-                                         active_P=activity_PS[:, s], expert_P=expert_P,
+                                         self.norm_weight, active_P=activity_PS[:, s],
+                                         expert_P=expert_P,
                                          offsets_E1=offsets_E1, eps=eps)
             else:
                 step = functools.partial(self._soft_step, mlp, self.w13, self.w2,
@@ -236,13 +237,14 @@ class IRLExperts(nn.Module):
         y, chain = IRLExperts._mlp(mlp, rms_norm(h + x, norm_w, eps), w13, w2, offsets_E1, chain)
         return a_P1 * y, chain
 
-    def _hard_step(self, mlp, w13, w2, h, x, _norm_w, a_P1, chain, active_P, expert_P,
-                   offsets_E1, eps):
+    @staticmethod
+    def _hard_step(mlp, w13, w2, norm_weight_ED, h, x, _norm_w, a_P1, chain, active_P,
+                   expert_P, offsets_E1, eps):
         """One hard-mode step on the active rows only: compact them per expert (a stable
         sort on (inactive, expert), all on the device), run the grouped MLP, scatter back.
         _norm_w (the rows' RMSNorm_e weights, as `_soft_step` takes them) goes unused: the
         compacted rows' weights are built from the [E, D] table instead of permuted."""
-        P, E = h.shape[0], self.num_experts
+        P, E = h.shape[0], norm_weight_ED.shape[0]
         kept = torch.arange(P, device=h.device) < offsets_E1[-1]
         active = (active_P > 0) & kept
         order = torch.argsort(expert_P + E * (~active).long(), stable=True)
@@ -253,8 +255,8 @@ class IRLExperts(nn.Module):
         # One permute of h + x (its backward: one gather, the add hands the grad to both);
         # the permuted rows' norm weights come from the [E, D] table, not a [P, D] permute.
         z = rms_norm(permute_rows(h + x, order, inverse),
-                     rows_of(self.norm_weight, expert_P.index_select(0, order)), eps)
-        y, chain = self._mlp(mlp, z, w13, w2, offsets, chain)
+                     rows_of(norm_weight_ED, expert_P.index_select(0, order)), eps)
+        y, chain = IRLExperts._mlp(mlp, z, w13, w2, offsets, chain)
         out = y * a_P1.index_select(0, order)
         return permute_rows(out, inverse, order), chain   # = zeros.index_copy(0, order, out)
 
