@@ -199,7 +199,9 @@ class IRLExperts(nn.Module):
             chain = wgrad_chain(self.steps)
         activity_PS, expected_P = self.activity(x_PD, expert_P)
         hard = self.config.moc_adaptive_mode == "hard" and self.step_gate_weight is not None
-        norm_w_PD = rows_of(self.norm_weight, expert_P)
+        # soft steps read the rows' norm weights [P, D]; hard steps build their compacted
+        # rows' own each step (`_hard_step`), so none are built for them here
+        norm_w_PD = None if hard else rows_of(self.norm_weight, expert_P)
         eps = self.config.layernorm_epsilon
         # moc_recompute: keep only each step's inputs, rerun the step (its grouped MLP too,
         # +1/3 of the expert FLOPs) in backward: frees the MLP's saved [P, 3F] per step.
