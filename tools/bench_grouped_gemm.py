@@ -343,19 +343,14 @@ def hard_mode_steps(shape, p, dtype=torch.bfloat16):
 
     Returns (step2, leaves): step2(mode) runs one forward + backward, mode "soft", "hard" or
     "hard_gather"; leaves are the tensors whose .grad it writes."""
-    from megatron_moc.moc.dispatch import permute_rows
+    from megatron_moc.moc.dispatch import compact_active, permute_rows
     e, d, f = shape
     offsets, counts = routing(p, e, "balanced")
     bf = dict(device=DEV, dtype=dtype)
     w13 = (torch.randn(e, d, 2 * f, **bf) / d ** 0.5).requires_grad_()
     w2 = (torch.randn(e, f, d, **bf) / f ** 0.5).requires_grad_()
     active = torch.arange(p, device=DEV) % 2 == 0      # every other row stays active
-    expert = torch.repeat_interleave(torch.arange(e, device=DEV),
-                                     torch.tensor(counts, device=DEV))
-    order = torch.argsort(expert + e * (~active).long(), stable=True)
-    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(p, device=DEV))
-    off2 = torch.zeros(e + 1, dtype=torch.int64, device=DEV)
-    off2[1:] = torch.bincount(expert[active], minlength=e).cumsum(0)
+    order, inverse, off2 = compact_active(active, offsets)
     keep = order[: int(active.sum())]                  # the active rows, by expert
     xs = [torch.randn(p, d, **bf).requires_grad_() for _ in range(ROT)]
     # Dense output gradients, as the model's backward delivers them (and as the MLP part

@@ -91,6 +91,33 @@ def permute_rows(x_PD: torch.Tensor, perm_P: torch.Tensor, inverse_P: torch.Tens
     return _PermuteRows.apply(x_PD, perm_P, inverse_P)
 
 
+def compact_active(active_P: torch.Tensor, offsets_E1: torch.Tensor):
+    """Hard IRL mode's compaction (moc/experts.py `_hard_step`): a permutation of the rows
+    that puts each expert's active rows first, expert by expert, and the rest after them.
+
+    Args: active_P bool [P]; offsets_E1 int64 [E+1], the rows of expert e being
+        offsets[e]:offsets[e+1] (sorted by expert, the dispatch order). Rows past offsets[E]
+        (dropped pairs) count as inactive whatever active_P says.
+    Returns (order_P, inverse_P, offsets_E1 of the active rows): row r of the compacted
+        order is row order[r]; inverse is its inverse permutation.
+
+    Because the rows are already grouped by expert, the stable sort on (inactive, expert)
+    this stands for is a partition: an active row's place is the number of active rows
+    before it (an exclusive prefix sum), an inactive row's the number of active rows plus the
+    inactive rows before it. One scan over P int64 in place of a radix sort, and the new
+    offsets are the same prefix sum read at the old ones. The inactive rows keep their input
+    order (the sort would group them by expert); the expert kernels never read them."""
+    P = active_P.shape[0]
+    rows = torch.arange(P, device=active_P.device)
+    act = (active_P & (rows < offsets_E1[-1])).long()
+    before = torch.cumsum(act, 0) - act                       # active rows before each row
+    total = before[-1:] + act[-1:]
+    inverse = torch.where(act.bool(), before, total + rows - before)
+    order = torch.empty_like(inverse).scatter_(0, inverse, rows)
+    offsets = torch.cat([before, total]).index_select(0, offsets_E1)
+    return order, inverse, offsets
+
+
 def dispatch(x_ND: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
     """x_ND → x_PD, row p = x[token_P[p]] (a gather; its backward sums the K copies)."""
     return _DispatchRows.apply(x_ND, plan.token_P, plan.row_NK)

@@ -30,7 +30,7 @@ from torch.utils.checkpoint import checkpoint
 
 from megatron_moc.model.norm import rms_norm
 from megatron_moc.moc.adaptive import gate_entropy, step_activity
-from megatron_moc.moc.dispatch import permute_rows
+from megatron_moc.moc.dispatch import compact_active, permute_rows
 from megatron_moc.moc.logits import own_gate_logits
 
 log = logging.getLogger(__name__)
@@ -242,18 +242,12 @@ class IRLExperts(nn.Module):
     @staticmethod
     def _hard_step(mlp, w13, w2, norm_weight_ED, h, x, _norm_w, a_P1, chain, active_P,
                    expert_P, offsets_E1, eps):
-        """One hard-mode step on the active rows only: compact them per expert (a stable
-        sort on (inactive, expert), all on the device), run the grouped MLP, scatter back.
-        _norm_w (the rows' RMSNorm_e weights, as `_soft_step` takes them) goes unused: the
-        compacted rows' weights are built from the [E, D] table instead of permuted."""
-        P, E = h.shape[0], norm_weight_ED.shape[0]
-        kept = torch.arange(P, device=h.device) < offsets_E1[-1]
-        active = (active_P > 0) & kept
-        order = torch.argsort(expert_P + E * (~active).long(), stable=True)
-        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(P, device=h.device))
-        counts = torch.zeros(E, dtype=torch.long, device=h.device)
-        counts.scatter_add_(0, expert_P, active.long())
-        offsets = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
+        """One hard-mode step on the active rows only: compact them per expert (a prefix
+        sum over the rows, all on the device: dispatch.compact_active), run the grouped MLP,
+        scatter back. _norm_w (the rows' RMSNorm_e weights, as `_soft_step` takes them) goes
+        unused: the compacted rows' weights are built from the [E, D] table instead of
+        permuted."""
+        order, inverse, offsets = compact_active(active_P > 0, offsets_E1)
         # One permute of h + x (its backward: one gather, the add hands the grad to both);
         # the permuted rows' norm weights come from the [E, D] table, not a [P, D] permute.
         z = rms_norm(permute_rows(h + x, order, inverse),

@@ -120,3 +120,31 @@ def test_expert_with_zero_tokens_and_backends_agree():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert torch.equal(grads[1][1][1], torch.zeros(D, 2 * Fh))  # empty expert: zero dW
     assert torch.equal(grads[1][0][8:], torch.zeros(2, D))      # rows past the end: zero dX
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_compact_active_is_the_stable_sort_on_inactive_then_expert(seed):
+    """compact_active's prefix-sum partition gives the active rows in the order, and the
+    offsets, of the stable sort it stands for; the rest (inactive or dropped) after them."""
+    from megatron_moc.moc.dispatch import compact_active
+
+    g = torch.Generator().manual_seed(seed)
+    counts = torch.randint(0, 6, (5,), generator=g)
+    counts[seed % 5] = 0                                     # an empty expert
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
+    kept, P = int(offsets[-1]), int(offsets[-1]) + 4         # 4 dropped rows at the end
+    expert = torch.cat([torch.repeat_interleave(torch.arange(5), counts),
+                        torch.randint(0, 5, (4,), generator=g)])
+    active = torch.rand(P, generator=g) < 0.5
+    active[kept:] = True                                     # dropped rows stay out anyway
+    order, inverse, off2 = compact_active(active, offsets)
+
+    live = active & (torch.arange(P) < kept)
+    want = torch.argsort(expert + 5 * (~live).long(), stable=True)
+    n = int(live.sum())
+    assert torch.equal(order[:n], want[:n])
+    assert set(order[n:].tolist()) == set(want[n:].tolist())
+    assert torch.equal(order[inverse], torch.arange(P))
+    want_off = torch.cat([torch.zeros(1, dtype=torch.long),
+                          torch.bincount(expert[live], minlength=5).cumsum(0)])
+    assert torch.equal(off2, want_off)
