@@ -391,7 +391,8 @@ def launch_gmm_swiglu(a, w13, offsets, gather_index=None, store_pre=True, config
 def launch_gmm_swiglu_bwd(dy, w2, offsets, pre):
     """d(gate | up) [P, 2F] from dy [P, D], w2 [E, F, D] and the saved pre-activation
     [P, 2F]: dh = dY[rows_e] @ W2[e]^T (grouped GEMM), then one elementwise SwiGLU-backward
-    pass (kernels/swiglu.py; measured faster than doing it in the GEMM's epilogue). Rows
+    pass (kernels/swiglu.py; measured faster than doing it in the pointer kernels' epilogue;
+    on sm90, MOC_GMM_SWIGLU_BWD=on / auto puts it in the ping-pong kernel's epilogue). Rows
     [offsets[E], P) are left undefined, and neither pass reads or writes them there: the
     result's readers (the W13 wgrad and the dX dgrad) stop at offsets[E]. In hard IRL mode
     half the rows can sit in that tail."""
@@ -399,8 +400,25 @@ def launch_gmm_swiglu_bwd(dy, w2, offsets, pre):
     if pre.shape != (dy.shape[0], 2 * w2.shape[1]):
         raise ValueError(f"pre must be [P, 2F] = [{dy.shape[0]}, {2 * w2.shape[1]}], got "
                          f"{tuple(pre.shape)}")
-    dh = launch_gmm(dy, w2, offsets, trans_w=True, zero_tail=False)
-    return launch_swiglu_bwd(pre, dh, offsets[-1:], zero_tail=False)
+    def split():
+        dh = launch_gmm(dy, w2, offsets, trans_w=True, zero_tail=False)
+        return launch_swiglu_bwd(pre, dh, offsets[-1:], zero_tail=False)
+
+    if (ws.SWIGLU_BWD != "off" and ws.available(dy)
+            and tma.tma_ok(dy, w2d := tma.weights_2d(w2), pre)):
+        # the dgrad with the SwiGLU backward in its epilogue (grouped_gemm_ws, EPILOGUE 2):
+        # no dh [P, F] round trip; MOC_GMM_SWIGLU_BWD=on / auto (off by default, unmeasured)
+        e, f, d = w2.shape
+        p = dy.shape[0]
+
+        def fused():
+            return ws.launch_gmm_ws(dy, w2d, torch.empty_like(pre), offsets, f, d, e, True,
+                                    _p_bucket(p), tma.num_programs(dy.device), pre=pre,
+                                    epilogue=2)
+
+        key = ("swiglu_bwd", f, d, _p_bucket(p), dy.dtype, dy.device)
+        return (fused if ws.choose(key, fused, split, mode=ws.SWIGLU_BWD) else split)()
+    return split()
 
 
 def _wgrad_hopper(a, dy, c, offsets, acc_in, k_bucket):

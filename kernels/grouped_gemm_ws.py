@@ -20,7 +20,8 @@ bytes per FLOP (85 against 64 for 128 x 128), which the long-K GEMMs need; the e
 longer hidden, which the short-K ones need. Both consumers release each ring slot (the
 `empty` barrier counts two arrivals).
 
-Same contract as `launch_gmm_tma` with EPILOGUE 0 or 1 (SwiGLU forward) and no gather:
+Same contract as `launch_gmm_tma` with EPILOGUE 0 or 1 (SwiGLU forward) and no gather, plus
+EPILOGUE 2 (the W2 dgrad with the SwiGLU backward in its epilogue, `SWIGLU_BWD`):
 C[rows_e] = A[rows_e] @ W[e] (W[e]^T with B_TRANS), rows sorted by expert, device-side int64
 offsets, no host sync. The tile map is the TMA kernel's (GROUP_M swizzle over row tiles that
 never cross an expert end); each partition finds a tile's expert with a scalar scan of the
@@ -75,6 +76,16 @@ CONFIGS = [(128, 128, 64, 4, 2), (128, 128, 64, 5, 2), (64, 256, 64, 4, 2), (128
 # SwiGLU forward: gate and up accumulators of BLOCK_N columns each (2 x 64 registers).
 SWIGLU_CONFIGS = [(128, 64, 64, 4, 2), (128, 64, 64, 6, 2), (64, 128, 64, 4, 2),
                   (128, 64, 64, 4, 1), (128, 128, 64, 4, COOP)]
+# SwiGLU backward in the W2 dgrad's epilogue (EPILOGUE 2): the epilogue also holds the gate
+# and up pre-activations of its tile in fp32, so the accumulator stays at 64 registers a
+# thread (128 x 64, or 128 x 128 split between two cooperative consumers).
+SWIGLU_BWD_CONFIGS = [(128, 64, 64, 4, 2), (128, 64, 64, 6, 2), (64, 128, 64, 4, 2),
+                      (128, 128, 64, 4, COOP)]
+# MOC_GMM_SWIGLU_BWD: "on" runs the W2 dgrad with the SwiGLU backward in this kernel's
+# epilogue (one pass: no dh [P, F] written and read back); "off" (default) the dgrad and
+# kernels/swiglu.py's elementwise pass; "auto" times both once per shape and keeps the
+# faster (`choose`). Off by default until it is measured on a GPU (docs/kernels_notes.md).
+SWIGLU_BWD = os.environ.get("MOC_GMM_SWIGLU_BWD", "off")
 _NUM_REGS = (232, 40)        # consumer 1, producer (the default partition gets the rest)
 _MAXNREG = 168               # 12 warps (3 warpgroups) x 168 x 32 <= 64K registers
 
@@ -263,7 +274,19 @@ if gluon is not None:
             else:
                 acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
             mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES))
-            if EPILOGUE == 1:             # pointer stores, masked at the expert's end
+            if EPILOGUE == 2:             # SwiGLU backward: acc is dh for columns rn of F
+                rm = row0 + gl.arange(0, SUB_M, layout=gl.SliceLayout(1, acc_layout))
+                rn = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, acc_layout))
+                mask = (rm < row_end)[:, None] & (rn < N)[None, :]
+                p_ptrs = pre_ptr + rm[:, None] * stride_pm + rn[None, :]
+                g_pre = gl.load(p_ptrs, mask=mask, other=0.0).to(gl.float32)
+                u_pre = gl.load(p_ptrs + N, mask=mask, other=0.0).to(gl.float32)
+                sig = 1.0 / (1.0 + gl.exp(-g_pre))
+                c_ptrs = c_ptr + rm[:, None] * stride_cm + rn[None, :]
+                gl.store(c_ptrs, (acc * u_pre * sig * (1.0 + g_pre * (1.0 - sig))).to(
+                    c_desc.dtype), mask=mask)
+                gl.store(c_ptrs + N, (acc * g_pre * sig).to(c_desc.dtype), mask=mask)
+            elif EPILOGUE == 1:           # pointer stores, masked at the expert's end
                 rm = row0 + gl.arange(0, SUB_M, layout=gl.SliceLayout(1, acc_layout))
                 rn = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, acc_layout))
                 mask = (rm < row_end)[:, None] & (rn < N)[None, :]
@@ -392,15 +415,19 @@ if gluon is not None:
     _ws_swiglu_tuned = triton.autotune([config(*c) for c in SWIGLU_CONFIGS],
                                        key=["N", "K", "P_BUCKET", "EPILOGUE", "STORE_PRE"],
                                        do_bench=_bench)(_gmm_ws_kernel)
+    _ws_swiglu_bwd_tuned = triton.autotune([config(*c) for c in SWIGLU_BWD_CONFIGS],
+                                           key=["N", "K", "P_BUCKET", "EPILOGUE"],
+                                           do_bench=_bench)(_gmm_ws_kernel)
 
 
 def launch_gmm_ws(a, w2, c, offsets, n, k, e, trans_w, p_bucket, num_programs, cfg=None,
                   pre=None, epilogue=0, store_pre=False):
     """c[rows_e] = a[rows_e] @ W[e] (W[e]^T with trans_w) for the experts' rows; w2 is the
     weights' 2-D view ([E*K, N], or [E*N, K] with trans_w). epilogue 1: SwiGLU (w2 [E*K, 2N];
-    c = silu(gate) * up, pre [P, 2N] the pre-activation when store_pre). The tails
-    [offsets[E], P) of c and pre are not written. cfg: a fixed `config(...)` instead of the
-    autotuner (sweeps, tests)."""
+    c = silu(gate) * up, pre [P, 2N] the pre-activation when store_pre). epilogue 2: SwiGLU
+    backward (the W2 dgrad, trans_w: dh = a @ W[e]^T has N = F columns; pre [P, 2N] is read,
+    and c [P, 2N] gets d(gate | up)). The tails [offsets[E], P) of c and pre are not
+    written. cfg: a fixed `config(...)` instead of the autotuner (sweeps, tests)."""
     a_desc, b_desc, c_desc = _desc(a), _desc(w2), _desc(c)
     p = c.shape[0]
 
@@ -408,7 +435,7 @@ def launch_gmm_ws(a, w2, c, offsets, n, k, e, trans_w, p_bucket, num_programs, c
         tiles = (triton.cdiv(p, meta["BLOCK_M"]) + e) * triton.cdiv(n, meta["BLOCK_N"])
         return (min(num_programs, tiles),)
 
-    kernel, extra = (_ws_swiglu_tuned if epilogue == 1 else _ws_tuned), {}
+    kernel, extra = {0: _ws_tuned, 1: _ws_swiglu_tuned, 2: _ws_swiglu_bwd_tuned}[epilogue], {}
     if cfg is not None:
         kernel, extra = _gmm_ws_kernel, dict(cfg.all_kwargs())
         _size_blocks(dict(extra, a_desc=a_desc, b_desc=b_desc, c_desc=c_desc, B_TRANS=trans_w))
@@ -434,9 +461,10 @@ def _times(fns):
     return t
 
 
-def choose(key, run_ws, run_tma) -> bool:
-    """Whether GEMMs of this key (shape bucket, dtype, device) run on this kernel: "on" /
-    "off" decide outright; "auto" times both kernels once (each autotuned first; `_times`)
+def choose(key, run_ws, run_tma, mode=None) -> bool:
+    """Whether GEMMs of this key (shape bucket, dtype, device) run on this kernel (run_ws,
+    against run_tma: or any two ways to the same result, as the fused and split SwiGLU
+    backward): `mode` (MODE unless given) "on" / "off" decide outright; "auto" times both kernels once (each autotuned first; `_times`)
     and keeps the faster; the times stay in _CHOICE_MS (bench_grouped_gemm prints them).
     Neither kernel wins everywhere: at the session 8 shapes this one wins short-K GEMMs (its
     epilogue overlaps the other consumer's main loop), the TMA kernel's 128 x 256 tiles the
@@ -445,8 +473,9 @@ def choose(key, run_ws, run_tma) -> bool:
     graphs instead was tried and reverted (docs/kernels_notes.md, v13): the first call of a
     key often comes from autograd's backward thread, where a TMA descriptor built after the
     capture failed ("invalid device context")."""
-    if MODE != "auto":
-        return MODE == "on"
+    mode = MODE if mode is None else mode   # another switch's value (SWIGLU_BWD)
+    if mode != "auto":
+        return mode == "on"
     if key not in _CHOICE:
         if torch.cuda.is_current_stream_capturing():
             return False

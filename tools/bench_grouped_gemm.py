@@ -66,15 +66,21 @@ def routing(p, e, kind, seed=0):
     return offsets.to(DEV), counts.tolist()
 
 
-def mode_off(module, fn):
-    """fn run with module.MODE = "off" (the kernel module's MOC_GMM_* switch)."""
+def switched(module, attr, value, fn):
+    """fn run with module.<attr> = value (one of the kernel modules' MOC_GMM_* switches)."""
     def run(*a):
-        old, module.MODE = module.MODE, "off"
+        old = getattr(module, attr)
+        setattr(module, attr, value)
         try:
             return fn(*a)
         finally:
-            module.MODE = old
+            setattr(module, attr, old)
     return run
+
+
+def mode_off(module, fn):
+    """fn run with module.MODE = "off" (MOC_GMM_TMA / MOC_GMM_WS off)."""
+    return switched(module, "MODE", "off", fn)
 
 
 def pointer(fn):
@@ -246,6 +252,9 @@ def gemm_fns(shape, p):
         "w2_dgrad": (2.0 * p * f * d, {
             "triton": lambda i: gg.launch_gmm(dy[i], w2, offsets, trans_w=True),
             "triton_swiglu": lambda i: gg.launch_gmm_swiglu_bwd(dy[i], w2, offsets, pre[i]),
+            # the SwiGLU backward in the ping-pong kernel's epilogue (MOC_GMM_SWIGLU_BWD=on)
+            "triton_swiglu_fused": switched(ws, "SWIGLU_BWD", "on", lambda i: (
+                gg.launch_gmm_swiglu_bwd(dy[i], w2, offsets, pre[i]))),
             "grouped_mm": lambda i: F.grouped_mm(dy[i], w2.transpose(1, 2), offs=offs32),
             "mm": lambda i: dy[i] @ w2[0].t(),
             "bmm": lambda i: torch.bmm(dy[i].view(e, pe, d), w2.transpose(1, 2))}),
@@ -259,7 +268,8 @@ def gemm_fns(shape, p):
     return gemms
 
 
-GRAPHED = ("triton", "triton_tma", "grouped_mm", "mm", "bmm")   # the --graph columns
+GRAPHED = ("triton", "triton_tma", "triton_swiglu", "triton_swiglu_fused", "grouped_mm", "mm",
+           "bmm")   # the --graph columns
 
 
 def gemm_timers(fns, rep, graph):
@@ -492,7 +502,7 @@ def table(rows):
         out += ["", "per GEMM, balanced, TFLOP/s (triton = TMA kernels, ptr = pointer kernels;"
                 " ratios: triton / mm, / bmm, / grouped_mm)"]
         for r in gem:
-            fused = (f"  fused {r['triton_swiglu']:.0f} (tma {r['triton_swiglu_tma']:.0f})"
+            fused = (f"  +swiglu {r['triton_swiglu']:.0f} (tma {r['triton_swiglu_tma']:.0f})"
                      if "triton_swiglu" in r else "")
             ptr = r.get("triton_ptr", float("nan"))   # nan with --no-pointer
             out.append(f"{str((r['E'], r['d'], r['f'])):16s}{r['gemm']:10s} triton "
@@ -504,6 +514,12 @@ def table(rows):
                 out.append(f"{'':16s}{'  tma':10s} {r['triton_tma']:5.0f}"
                            + (f"  graph {r['triton_tma_graph']:5.0f}"
                               if "triton_tma_graph" in r else ""))
+            if "triton_swiglu_fused" in r:   # w2_dgrad with the SwiGLU backward: split / fused
+                graph = (f"  graph {r['triton_swiglu_graph']:5.0f} / "
+                         f"{r['triton_swiglu_fused_graph']:5.0f}"
+                         if "triton_swiglu_fused_graph" in r else "")
+                out.append(f"{'':16s}{'  +swiglu':10s} {r['triton_swiglu']:5.0f} / "
+                           f"{r['triton_swiglu_fused']:5.0f} (split / fused epilogue){graph}")
             if "triton_graph" in r:
                 out.append(f"{'':16s}{'  graph':10s} triton {r['triton_graph']:5.0f} "
                            f"gmm {r['grouped_mm_graph']:5.0f} mm {r['mm_graph']:5.0f} bmm "

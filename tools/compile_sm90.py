@@ -91,13 +91,14 @@ def compile_ws(epilogue: int, trans: bool, cfg: tuple, e=8, k=768, f=2048, p=409
     from kernels import grouped_gemm_tma as tma
     from kernels import grouped_gemm_ws as ws
     bf = torch.bfloat16
-    n = f if epilogue == 1 else 2 * f
+    n = f if epilogue in (1, 2) else 2 * f     # 2: the W2 dgrad, dh [P, F] in registers
     a = torch.empty(p, k, dtype=bf)
     if epilogue == 1:
         w = torch.empty(e, k, 2 * f, dtype=bf)
     else:
         w = torch.empty(e, n, k, dtype=bf) if trans else torch.empty(e, k, n, dtype=bf)
-    c, pre = torch.empty(p, n, dtype=bf), torch.empty(p, 2 * f, dtype=bf)
+    c = torch.empty(p, 2 * f if epilogue == 2 else n, dtype=bf)   # 2: d(gate | up)
+    pre = torch.empty(p, 2 * f, dtype=bf)
     offsets = torch.zeros(e + 1, dtype=torch.int64)
     kw = dict(ws.config(*cfg).all_kwargs())
     descs = dict(a_desc=ws._desc(a), b_desc=ws._desc(tma.weights_2d(w)), c_desc=ws._desc(c))
@@ -138,11 +139,14 @@ def main(argv=None) -> int:
         return 0
     plain = ws.CONFIGS if args.all else ws.CONFIGS[:1] + ws.CONFIGS[-1:]
     swiglu = ws.SWIGLU_CONFIGS if args.all else ws.SWIGLU_CONFIGS[:1] + ws.SWIGLU_CONFIGS[-1:]
+    swiglu_bwd = (ws.SWIGLU_BWD_CONFIGS if args.all
+                  else ws.SWIGLU_BWD_CONFIGS[:1] + ws.SWIGLU_BWD_CONFIGS[-1:])
     from kernels import grouped_gemm_ws_wgrad as wsw
     wgrad = wsw.CONFIGS if args.all else wsw.CONFIGS[:1] + wsw.CONFIGS[-1:]
     jobs = ([(f"epilogue 0 trans 0 {c}", compile_ws, (0, False, c)) for c in plain]
             + [(f"epilogue 0 trans 1 {c}", compile_ws, (0, True, c)) for c in plain]
             + [(f"epilogue 1 trans 0 {c}", compile_ws, (1, False, c)) for c in swiglu]
+            + [(f"epilogue 2 trans 1 {c}", compile_ws, (2, True, c)) for c in swiglu_bwd]
             + [(f"wgrad accumulate {int(acc)} {c}", compile_wgrad_ws, (acc, c))
                for c in wgrad for acc in (False, True)])
     bad = 0

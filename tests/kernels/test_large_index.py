@@ -115,3 +115,19 @@ def test_swiglu_backward_past_2_31():
     _close(dgu[rows], swiglu_bwd_reference(pre[rows].float(), dh[rows].float()).float(),
            "SwiGLU backward")
     assert not dgu[P - 300:].any(), "the zero tail"
+
+
+@pytest.mark.parametrize("fused", ["on", "off"])
+def test_dgrad_with_swiglu_backward_past_2_31(fused, monkeypatch):
+    """launch_gmm_swiglu_bwd: the W2 dgrad and the SwiGLU backward, split or fused into the
+    ping-pong kernel's epilogue (MOC_GMM_SWIGLU_BWD=on, sm90): d(gate | up) [P, 1024]."""
+    monkeypatch.setattr(ws, "SWIGLU_BWD", fused)
+    f = WIDE // 2
+    dy = _randn(P, NARROW)
+    w2 = _randn(3, f, NARROW, scale=NARROW ** -0.5)
+    pre = _randn(P, 2 * f, scale=2.0)
+    dgu = gg.launch_gmm_swiglu_bwd(dy, w2, _offsets(), pre)
+    rows = SAMPLE.cuda()
+    dh = _rows_ref(dy[rows], w2.transpose(1, 2))
+    _close(dgu[rows], swiglu_bwd_reference(pre[rows].float(), dh).float(),
+           f"dgrad + SwiGLU backward ({fused})")
