@@ -14,6 +14,7 @@ mode. Times are triton.testing.do_bench medians on random data, inputs rotated.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import gc
 import json
@@ -66,15 +67,25 @@ def routing(p, e, kind, seed=0):
     return offsets.to(DEV), counts.tolist()
 
 
+@contextlib.contextmanager
+def switch(module, attr, value):
+    """module.<attr> = value inside the block (one of the kernel modules' MOC_GMM_* switches)."""
+    old = getattr(module, attr)
+    setattr(module, attr, value)
+    try:
+        yield
+    finally:
+        setattr(module, attr, old)
+
+
 def switched(module, attr, value, fn):
-    """fn run with module.<attr> = value (one of the kernel modules' MOC_GMM_* switches)."""
+    """fn run under switch(module, attr, value). The backward of what fn returns runs after
+    fn has returned, so a caller that times backward too enters `run.switch()` around it
+    (_time_mlp): the switches are read at launch time."""
     def run(*a):
-        old = getattr(module, attr)
-        setattr(module, attr, value)
-        try:
+        with switch(module, attr, value):
             return fn(*a)
-        finally:
-            setattr(module, attr, old)
+    run.switch = functools.partial(switch, module, attr, value)
     return run
 
 
@@ -142,6 +153,8 @@ def mlp_fns(e, d, f, p, offsets, counts, dtype=torch.bfloat16):
     fns = {
         "triton": (ours, [w13, w2]),
         "triton_tma": (tma_only(ours), [w13, w2]),   # without the warp-specialized kernel
+        # the W2 dgrad with the SwiGLU backward in the ping-pong kernel's epilogue
+        "triton_swiglu_fused": (switched(ws, "SWIGLU_BWD", "on", ours), [w13, w2]),
         "triton_ptr": (pointer(ours), [w13, w2]),
         "triton_unfused": (unfused, [w13, w2]),
         "grouped_mm": (lambda x: F.grouped_mm(swiglu(F.grouped_mm(x, w13, offs=offs32)), w2,
@@ -179,9 +192,12 @@ def _time_mlp(shape, kind, name, fn, weights, rot, xs, flops, rep, rnd):
     def fwd():
         fn(rot.next()[0])
 
+    switch_on = getattr(fn, "switch", contextlib.nullcontext)   # also for the backward
+
     def fwd_bwd():
         x, dy = rot.next()
-        fn(x).backward(dy)
+        with switch_on():
+            fn(x).backward(dy)
 
     t_f = bench(fwd, rep=rep)
     t_fb = bench(fwd_bwd, grad_to_none=xs + weights, rep=rep)
@@ -489,13 +505,13 @@ def table(rows):
     out = ["", "expert SwiGLU MLP, bf16, TFLOP/s (fwd | fwd+bwd)"]
     mlp = [r for r in rows if r["part"] == "mlp"]
     methods = list(dict.fromkeys(r["method"] for r in mlp))
-    out.append(f"{'E,d,f':16s}{'routing':9s}" + "".join(f"{m:>18s}" for m in methods))
+    out.append(f"{'E,d,f':16s}{'routing':9s}" + "".join(f"{m:>20s}" for m in methods))
     for key in dict.fromkeys((r["E"], r["d"], r["f"], r["routing"]) for r in mlp):
         def med(m, col):
             return median(r[col] for r in mlp if r["method"] == m
                           and (r["E"], r["d"], r["f"], r["routing"]) == key)
         out.append(f"{str(key[:3]):16s}{key[3]:9s}" + "".join(
-            f"{med(m, 'fwd_tflops'):8.0f} |{med(m, 'fwdbwd_tflops'):6.0f}  "
+            f"{med(m, 'fwd_tflops'):10.0f} |{med(m, 'fwdbwd_tflops'):6.0f}  "
             for m in methods))
     gem = [r for r in rows if r["part"] == "gemm"]
     if gem:
