@@ -361,15 +361,17 @@ def check_bf16(shape=(8, 768, 2048), p=32768):
 
 def hard_mode_steps(shape, p, dtype=torch.bfloat16):
     """S = 2 expert MLP steps on shared weights (one fp32 weight-gradient chain, as the MoC
-    experts run them). Soft: both steps on all rows. Hard, as the MoC experts run it (megatron_moc/moc/experts.py `_hard_step`):
-    step 2 permutes the rows so each expert's active half comes first and the inactive rows
-    form the zero tail, runs the MLP on those offsets, and permutes back (both directions,
-    forward and backward, are gathers). Also timed: step 2 reading the active rows through
-    the kernels' gather_index (dX then scatters back with index_add).
+    experts run them). Soft: both steps on all rows. Hard, as the MoC experts run it
+    (megatron_moc/moc/experts.py `_hard_step`): step 2 moves each expert's active half to the
+    front (dispatch.compact_rows: the inactive rows are not read and come out as zeros), runs
+    the MLP on those offsets, and moves the rows back (uncompact_rows); each move's backward
+    is the other. Also timed, "hard_permute": the same with plain permutation gathers of all
+    rows both ways (dispatch.permute_rows, the moves before session 19).
 
     Returns (step2, leaves): step2(mode) runs one forward + backward, mode "soft", "hard" or
-    "hard_gather"; leaves are the tensors whose .grad it writes."""
-    from megatron_moc.moc.dispatch import compact_active, permute_rows
+    "hard_permute"; leaves are the tensors whose .grad it writes."""
+    from megatron_moc.moc.dispatch import (compact_active, compact_rows, permute_rows,
+                                           uncompact_rows)
     e, d, f = shape
     offsets, counts = routing(p, e, "balanced")
     bf = dict(device=DEV, dtype=dtype)
@@ -377,13 +379,12 @@ def hard_mode_steps(shape, p, dtype=torch.bfloat16):
     w2 = (torch.randn(e, f, d, **bf) / f ** 0.5).requires_grad_()
     active = torch.arange(p, device=DEV) % 2 == 0      # every other row stays active
     order, inverse, off2 = compact_active(active, offsets)
-    keep = order[: int(active.sum())]                  # the active rows, by expert
+    count = off2[-1:]
     xs = [torch.randn(p, d, **bf).requires_grad_() for _ in range(ROT)]
     # Dense output gradients, as the model's backward delivers them (and as the MLP part
     # times): a .sum() would hand autograd stride-0 grads whose copies and gathers take other
     # kernels, and a reduction that is not the experts' work.
     dys = [(torch.randn(p, d, **bf), torch.randn(p, d, **bf)) for _ in range(ROT)]
-    dys = [(g1, g2, g2[keep]) for g1, g2 in dys]   # the gather variant's rows: keep's order
     rot = Rot(list(zip(xs, dys)))
 
     def step2(mode):
@@ -392,12 +393,14 @@ def hard_mode_steps(shape, p, dtype=torch.bfloat16):
         if mode == "soft":
             h2, _ = expert_swiglu_mlp(h1, w13, w2, offsets, wgrad_chain=chain)
         elif mode == "hard":
+            y2, _ = expert_swiglu_mlp(compact_rows(h1, order, inverse, count), w13, w2, off2,
+                                      wgrad_chain=chain)
+            h2 = uncompact_rows(y2, inverse, order, count)
+        else:
             y2, _ = expert_swiglu_mlp(permute_rows(h1, order, inverse), w13, w2, off2,
                                       wgrad_chain=chain)
             h2 = permute_rows(y2, inverse, order)
-        else:
-            h2, _ = expert_swiglu_mlp(h1, w13, w2, off2, keep, wgrad_chain=chain)
-        torch.autograd.backward((h1, h2), (dy[0], dy[2] if mode == "hard_gather" else dy[1]))
+        torch.autograd.backward((h1, h2), dy)
 
     return step2, xs + [w13, w2]
 
@@ -406,7 +409,7 @@ def bench_hard_mode(shape, p, rep):
     """Soft against hard IRL mode, S = 2, eager and in a CUDA graph (hard_mode_steps)."""
     e, d, f = shape
     step2, leaves = hard_mode_steps(shape, p)
-    modes = ("soft", "hard", "hard_gather")
+    modes = ("soft", "hard", "hard_permute")
     t = {m: bench(lambda: step2(m), grad_to_none=leaves, rep=rep) for m in modes}
     # The model replays the whole train step as one CUDA graph (training/cuda_graph.py), so
     # the per-launch host work (Python, autograd, TMA descriptors) that the eager timing
@@ -423,11 +426,11 @@ def bench_hard_mode(shape, p, rep):
             continue
         soft = res[f"soft{sfx}_ms"]
         res[f"reduction{sfx}"] = 1 - res[f"hard{sfx}_ms"] / soft
-        res[f"reduction_gather{sfx}"] = 1 - res[f"hard_gather{sfx}_ms"] / soft
+        res[f"reduction_permute{sfx}"] = 1 - res[f"hard_permute{sfx}_ms"] / soft
         print(f"  hard mode {shape} {how}: soft {soft:.3f} ms  hard {res[f'hard{sfx}_ms']:.3f} "
-              f"ms  reduction {100 * res[f'reduction{sfx}']:.1f}% (ideal 25%); through "
-              f"gather_index: {res[f'hard_gather{sfx}_ms']:.3f} ms "
-              f"({100 * res[f'reduction_gather{sfx}']:.1f}%)", flush=True)
+              f"ms  reduction {100 * res[f'reduction{sfx}']:.1f}% (ideal 25%); with permutation "
+              f"gathers: {res[f'hard_permute{sfx}_ms']:.3f} ms "
+              f"({100 * res[f'reduction_permute{sfx}']:.1f}%)", flush=True)
     return res
 
 

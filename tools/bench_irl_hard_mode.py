@@ -10,7 +10,7 @@ the rows stop after step 1 of S = 2) is timed by `bench_grouped_gemm.py --parts 
 expert MLP alone, with the compaction's permutes as bare eager gathers. The model runs more
 than that, and runs it compiled: each step is `IRLExperts._soft_step` or `_hard_step`
 (RMSNorm_e of h + x, the Triton MLP through the weight-gradient chain, the update a·α·y,
-and in hard mode the compaction: sort, offsets, the permute in and out), inside one
+and in hard mode the compaction: prefix sum, offsets, the row moves in and out), inside one
 torch.compile region (`moc_compile`), the train step replayed as a CUDA graph. Here both
 modes run those very functions on the same 0/1 step activity (hard mode's, from the step
 gate's argmax: step 1 on every row, step 2 on every other row, so each expert keeps half),
@@ -54,10 +54,9 @@ def setup(shape, p, steps, dtype):
     dout = torch.randn(p, d, **mk)
 
     def run(mode, fn):
-        if mode == "soft":   # the model's forward builds the rows' norm weights once
-            out = fn(x, rows_of(norm_weight, expert), activity, w13, w2, offsets, steps)
-        else:
-            out = fn(x, None, activity, w13, w2, offsets, steps, hard=(norm_weight, expert))
+        # the model's forward builds the rows' norm weights once, for either mode
+        out = fn(x, rows_of(norm_weight, expert), activity, w13, w2, offsets, steps,
+                 hard=mode == "hard")
         out.backward(dout)
         return out
 
@@ -122,14 +121,17 @@ def main(argv=None):
     ap.add_argument("--rep", type=int, default=100, help="do_bench time budget, ms")
     ap.add_argument("--kernels", action="store_true", help="also a kernel table per mode")
     ap.add_argument("--smoke", action="store_true",
-                    help="tiny shape on the CPU (needs TRITON_INTERPRET=1): checks the script")
+                    help="tiny fp32 shape (CPU: needs TRITON_INTERPRET=1): checks the script")
     args = ap.parse_args(argv)
     if args.steps < 2:
         ap.error(f"--steps: hard mode skips rows from step 2 on, so S >= 2; got {args.steps}")
     torch.manual_seed(0)
     shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes.split(";")]
     if args.smoke:
-        bgg.DEV, shapes, args.rows = "cpu", [(3, 32, 48)], 90
+        # on the GPU where there is one: the kernels run on CPU tensors only when
+        # TRITON_INTERPRET=1 decorated them, which a GPU machine's tests do not set
+        bgg.DEV = "cuda" if torch.cuda.is_available() else "cpu"
+        shapes, args.rows = [(3, 32, 48)], 90
     out = [bench_shape(s, args.rows, args.steps, args.rep, args.kernels, args.smoke)
            for s in shapes]
     if os.environ.get("OUT"):

@@ -34,28 +34,28 @@ from tools.probe_hard_mode import kernel_times                 # noqa: E402
 
 # our kernels (kernels/): the GEMMs, their zero tails and the SwiGLU backward pass
 OURS = ("_gmm_kernel", "_wgrad_kernel", "_gmm_tma_kernel", "_wgrad_tma_kernel",
-        "_zero_tail_kernel", "_gmm_ws_kernel", "_wgrad_ws_kernel", "_swiglu_bwd_kernel")
+        "_zero_tail_kernel", "_gmm_ws_kernel", "_wgrad_ws_kernel", "_swiglu_bwd_kernel",
+        "_masked_row_gather_kernel")
 EPS = 1e-6
 
 
-def irl_steps(x, norm_w, activity, w13, w2, offsets, steps, hard=None):
+def irl_steps(x, norm_w, activity, w13, w2, offsets, steps, hard=False):
     """h after `steps` IRL steps (MOC_MATH.md §3), each the model's own
     `IRLExperts._soft_step` on the Triton MLP, the steps' weight gradients summed in fp32
     through the wgrad chain as the model does (kernels/expert_mlp_op.py).
-    hard: (norm_weight [E, D], expert_P [P]) to run `IRLExperts._hard_step` instead (rows
-    with activity 0 skipped, norm_w unused, as in the model's hard mode)."""
+    hard: run `IRLExperts._hard_step` instead (rows with activity 0 skipped, as in the
+    model's hard mode)."""
     alpha = 1.0 / math.sqrt(steps)
     chain = wgrad_chain(steps) if steps > 1 else None
     h = x
     for s in range(steps):
         a = (activity[:, s:s + 1] * alpha).to(x.dtype)
-        if hard is None:
+        if not hard:
             update, chain = IRLExperts._soft_step(swiglu_mlp_triton, w13, w2, h, x, norm_w, a,
                                                   chain, offsets, EPS)
         else:
-            update, chain = IRLExperts._hard_step(swiglu_mlp_triton, w13, w2, hard[0], h, x,
-                                                  norm_w, a, chain, activity[:, s], hard[1],
-                                                  offsets, EPS)
+            update, chain = IRLExperts._hard_step(swiglu_mlp_triton, w13, w2, h, x, norm_w, a,
+                                                  chain, activity[:, s], offsets, EPS)
         h = h + update
     return h
 

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels.active_rows import masked_row_gather_reference
+
 
 @dataclass(frozen=True)
 class DispatchPlan:
@@ -116,6 +118,61 @@ def compact_active(active_P: torch.Tensor, offsets_E1: torch.Tensor):
     order = torch.empty_like(inverse).scatter_(0, inverse, rows)
     offsets = torch.cat([before, total]).index_select(0, offsets_E1)
     return order, inverse, offsets
+
+
+@torch.library.custom_op("moc_kernels::masked_row_gather", mutates_args=())
+def _masked_row_gather(x: torch.Tensor, index: torch.Tensor, count: torch.Tensor,
+                       by_source: bool) -> torch.Tensor:
+    """kernels/active_rows.py as an opaque op (torch.compile cannot trace a Triton launch):
+    its Triton kernel on a GPU with Triton, its torch twin elsewhere."""
+    from kernels import active_rows   # at call time: the kernel tests reload it
+
+    if x.is_cuda and active_rows.triton is not None:
+        return active_rows.masked_row_gather(x, index, count, by_source)
+    return active_rows.masked_row_gather_reference(x, index, count, by_source)
+
+
+@_masked_row_gather.register_fake
+def _masked_row_gather_fake(x, index, count, by_source):
+    return x.new_empty(index.shape[0], x.shape[1])
+
+
+def _move_rows(x, index, count, by_source):
+    """The Triton kernel (through the op) in eager mode; under torch.compile its torch twin,
+    which inductor fuses into the RMSNorm before the move and the residual update after it.
+    The opaque op there cost more than it saved: on one H100 the compiled hard step went
+    from 18.0% to 16.2% under soft mode at (8, 2048, 5632) (docs/benchmarks.md, session 19)."""
+    if torch.compiler.is_compiling():
+        return masked_row_gather_reference(x, index, count, by_source)
+    return _masked_row_gather(x, index, count, by_source)
+
+
+class _MoveActiveRows(torch.autograd.Function):
+    """One of hard mode's two row moves; its backward is the other (kernels/active_rows.py)."""
+
+    @staticmethod
+    def forward(ctx, x, index, back_index, count, by_source):
+        ctx.save_for_backward(back_index, count)
+        ctx.by_source = by_source
+        return _move_rows(x, index, count, by_source)
+
+    @staticmethod
+    def backward(ctx, grad):
+        back_index, count = ctx.saved_tensors
+        grad = _move_rows(grad.contiguous(), back_index, count, not ctx.by_source)
+        return grad, None, None, None, None
+
+
+def compact_rows(x_PD, order_P, inverse_P, count_1):
+    """x[order] with the rows from count on (the inactive ones) as zeros, unread: the
+    compaction of `compact_active` (its order, inverse, and offsets[-1:] as count)."""
+    return _MoveActiveRows.apply(x_PD, order_P, inverse_P, count_1, False)
+
+
+def uncompact_rows(y_PD, inverse_P, order_P, count_1):
+    """compact_rows' inverse move: y[inverse] in dispatch order, zeros for the rows past
+    count in y (the inactive ones), which are not read."""
+    return _MoveActiveRows.apply(y_PD, inverse_P, order_P, count_1, True)
 
 
 def dispatch(x_ND: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:

@@ -30,7 +30,7 @@ from torch.utils.checkpoint import checkpoint
 
 from megatron_moc.model.norm import rms_norm
 from megatron_moc.moc.adaptive import gate_entropy, step_activity
-from megatron_moc.moc.dispatch import compact_active, permute_rows
+from megatron_moc.moc.dispatch import compact_active, compact_rows, uncompact_rows
 from megatron_moc.moc.logits import own_gate_logits
 
 log = logging.getLogger(__name__)
@@ -199,9 +199,7 @@ class IRLExperts(nn.Module):
             chain = wgrad_chain(self.steps)
         activity_PS, expected_P = self.activity(x_PD, expert_P)
         hard = self.config.moc_adaptive_mode == "hard" and self.step_gate_weight is not None
-        # soft steps read the rows' norm weights [P, D]; hard steps build their compacted
-        # rows' own each step (`_hard_step`), so none are built for them here
-        norm_w_PD = None if hard else rows_of(self.norm_weight, expert_P)
+        norm_w_PD = rows_of(self.norm_weight, expert_P)   # the rows' RMSNorm_e weights
         eps = self.config.layernorm_epsilon
         # moc_recompute: keep only each step's inputs, rerun the step (its grouped MLP too,
         # +1/3 of the expert FLOPs) in backward: frees the MLP's saved [P, 3F] per step.
@@ -211,9 +209,8 @@ class IRLExperts(nn.Module):
             a_P1 = (activity_PS[:, s:s + 1] * self.alpha).to(x_PD.dtype)
             if hard:
                 step = functools.partial(self._hard_step, mlp, self.w13, self.w2,
-                                         self.norm_weight, active_P=activity_PS[:, s],
-                                         expert_P=expert_P,
-                                         offsets_E1=offsets_E1, eps=eps)
+                                         active_P=activity_PS[:, s], offsets_E1=offsets_E1,
+                                         eps=eps)
             else:
                 step = functools.partial(self._soft_step, mlp, self.w13, self.w2,
                                          offsets_E1=offsets_E1, eps=eps)
@@ -240,21 +237,18 @@ class IRLExperts(nn.Module):
         return a_P1 * y, chain
 
     @staticmethod
-    def _hard_step(mlp, w13, w2, norm_weight_ED, h, x, _norm_w, a_P1, chain, active_P,
-                   expert_P, offsets_E1, eps):
+    def _hard_step(mlp, w13, w2, h, x, norm_w, a_P1, chain, active_P, offsets_E1, eps):
         """One hard-mode step on the active rows only: compact them per expert (a prefix
         sum over the rows, all on the device: dispatch.compact_active), run the grouped MLP,
-        scatter back. _norm_w (the rows' RMSNorm_e weights, as `_soft_step` takes them) goes
-        unused: the compacted rows' weights are built from the [E, D] table instead of
-        permuted."""
+        move them back. The norm runs in dispatch order, as in `_soft_step` (its weights
+        built once per layer); the moves there and back read only the active rows and
+        write zeros for the rest (kernels/active_rows.py), so the inactive rows cost no
+        reads, forward or backward."""
         order, inverse, offsets = compact_active(active_P > 0, offsets_E1)
-        # One permute of h + x (its backward: one gather, the add hands the grad to both);
-        # the permuted rows' norm weights come from the [E, D] table, not a [P, D] permute.
-        z = rms_norm(permute_rows(h + x, order, inverse),
-                     rows_of(norm_weight_ED, expert_P.index_select(0, order)), eps)
+        count = offsets[-1:]
+        z = compact_rows(rms_norm(h + x, norm_w, eps), order, inverse, count)
         y, chain = IRLExperts._mlp(mlp, z, w13, w2, offsets, chain)
-        out = y * a_P1.index_select(0, order)
-        return permute_rows(out, inverse, order), chain   # = zeros.index_copy(0, order, out)
+        return a_P1 * uncompact_rows(y, inverse, order, count), chain   # a = 0: inactive
 
 
 class IRLFeedForward(nn.Module):

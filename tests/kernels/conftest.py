@@ -13,7 +13,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
     for _name in ("kernels.gmm_backend", "kernels.swiglu", "kernels.grouped_gemm_tma", "kernels.grouped_gemm",
-                  "kernels.expert_mlp", "kernels.mediator_round"):
+                  "kernels.expert_mlp", "kernels.mediator_round", "kernels.active_rows"):
         if _name in sys.modules:
             importlib.reload(sys.modules[_name])
 
