@@ -15,12 +15,15 @@ Public API
         -> h [P, F] = silu(X·Wg) * (X·Wu) per expert. Saves the pre-activation [P, 2F]
         (written by the same kernel's epilogue); backward does the SwiGLU derivative in torch
         (fp32) and reuses the GEMM kernels for dX and dW13.
-    expert_swiglu_mlp(x, w13, w2, offsets, gather_index=None, *, wgrad_chain=None, backend=None)
-        -> y [P, D] (with a wgrad_chain: (y, the chain for the next use)). Forward: fused W13+SwiGLU kernel, then the W2 grouped GEMM. Saves x,
+    expert_swiglu_mlp(x, w13, w2, offsets, gather_index=None, *, wgrad_chain=None, backend=None,
+                      zero_tail=True)
+        -> y [P, D] (with a wgrad_chain: (y, the chain for the next use)). Forward: fused
+        W13+SwiGLU kernel, then the W2 grouped GEMM. Saves x,
         the pre-activation [P, 2F] and h [P, F] (h feeds the W2 weight gradient; the
         unfused grouped_mm path keeps the same tensors). Backward: dh = dY·W2^T, then the
         SwiGLU backward -> d(gate|up) [P, 2F]; wgrad for W2 and W13; dX = d(gate|up)·W13^T,
-        scattered back through gather_index (index_add, see grouped_gemm).
+        scattered back through gather_index (index_add, see grouped_gemm). zero_tail=False
+        leaves y's and dX's rows past offsets[E] unwritten, for callers that never read them.
     grouped_swiglu_reference / expert_swiglu_mlp_reference: same signatures, fp32 (fp64)
         per-expert loop, differentiable by autograd.
     wgrad_chain: the S IRL steps' uses of the same w13 and w2 give one fp32 weight-gradient
@@ -73,12 +76,12 @@ def grouped_swiglu(x, w13, offsets, gather_index=None, *, backend=None):
 
 class _ExpertSwigluMLP(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w13, w2, offsets, gather_index, prims):
+    def forward(ctx, x, w13, w2, offsets, gather_index, prims, zero_tail):
         # h is internal (W2's input, saved for its wgrad): both stop at offsets[E]
         h, pre = prims.gmm_swiglu(x, w13, offsets, gather_index, store_pre=True, zero_tail=False)
-        y = prims.gmm(h, w2, offsets)
+        y = prims.gmm(h, w2, offsets, zero_tail=zero_tail)
         ctx.save_for_backward(x, w13, w2, offsets, gather_index, pre, h)
-        ctx.prims = prims
+        ctx.prims, ctx.zero_tail = prims, zero_tail
         return y
 
     @staticmethod
@@ -93,22 +96,26 @@ class _ExpertSwigluMLP(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             dw13 = prims.wgrad(x, dgu, offsets, gather_index, out_dtype=w13.dtype)
         if ctx.needs_input_grad[0]:
-            dxp = prims.gmm(dgu, w13, offsets, trans_w=True)
+            dxp = prims.gmm(dgu, w13, offsets, trans_w=True,
+                            zero_tail=ctx.zero_tail or gather_index is not None)
             dx = scatter_rows(dxp, gather_index, x.shape[0])
-        return dx, dw13, dw2, None, None, None
+        return dx, dw13, dw2, None, None, None, None
 
 
 def expert_swiglu_mlp(x, w13, w2, offsets, gather_index=None, *, wgrad_chain=None,
-                      backend=None):
+                      backend=None, zero_tail=True):
     """y [P, D] = grouped_gemm(grouped_swiglu(x, w13, ...), w2, ...), fused (module docstring).
 
     Args: x [T, D]; w13 [E, D, 2F]; w2 [E, F, D]; offsets int64 [E+1] on x's device;
         gather_index int64 [P] or None (row p reads x[gather_index[p]]);
         wgrad_chain: this use's place among the S uses of w13 and w2 whose weight gradients
             add up in fp32 (kernels.expert_mlp_op.wgrad_chain), or None;
-        backend: None/"auto", "triton", "grouped_mm", "loop".
-    Returns: y [P, D] in x.dtype, zeros in rows [offsets[E], P); with a wgrad_chain,
-        (y, the chain for the next use: None after the last)."""
+        backend: None/"auto", "triton", "grouped_mm", "loop";
+        zero_tail: False when nothing reads rows [offsets[E], P) of y or of x's gradient
+            (hard IRL mode): they may then be left unwritten.
+    Returns: y [P, D] in x.dtype, zeros in rows [offsets[E], P) (maybe unwritten with
+        zero_tail=False); with a wgrad_chain, (y, the chain for the next use: None after
+        the last)."""
     if w2.shape[0] != w13.shape[0] or 2 * w2.shape[1] != w13.shape[2]:
         raise ValueError(f"w2 must be [E, F, D] = [{w13.shape[0]}, {w13.shape[2] // 2}, "
                          f"{w13.shape[1]}], got {tuple(w2.shape)}")
@@ -116,14 +123,14 @@ def expert_swiglu_mlp(x, w13, w2, offsets, gather_index=None, *, wgrad_chain=Non
         # The same MLP as opaque custom ops (kernels/expert_mlp_op.py): torch.compile does not
         # break its graph here, and the chain's fp32 sum travels along autograd edges.
         return expert_swiglu_mlp_op(x, w13, w2, offsets, gather_index, backend,
-                                    wgrad_chain=wgrad_chain)
+                                    wgrad_chain=wgrad_chain, zero_tail=zero_tail)
     prims = primitives(backend, x)
     if not (torch.is_grad_enabled() and (x.requires_grad or w13.requires_grad
                                          or w2.requires_grad)):
         h, _ = prims.gmm_swiglu(x, w13, offsets, gather_index, store_pre=False,
                                 zero_tail=False)
-        return prims.gmm(h, w2, offsets)        # inference: save nothing
-    return _ExpertSwigluMLP.apply(x, w13, w2, offsets, gather_index, prims)
+        return prims.gmm(h, w2, offsets, zero_tail=zero_tail)   # inference: save nothing
+    return _ExpertSwigluMLP.apply(x, w13, w2, offsets, gather_index, prims, zero_tail)
 
 
 def grouped_swiglu_reference(x, w13, offsets, gather_index=None, *, backend=None):

@@ -9,7 +9,7 @@ and residuals around it. MOC_MATH.md §3 (one IRL step's expert MLP).
 Shape legend: P dispatched rows, T source rows, E experts, D hidden size, F ffn size.
 
     expert_swiglu_mlp_op(x, w13, w2, offsets, gather_index=None, backend="triton",
-                         wgrad_chain=None) -> y [P, D], or (y, next chain) with a chain
+                         wgrad_chain=None, zero_tail=True) -> y [P, D], or (y, next chain)
 
 Same contract as kernels.expert_mlp.expert_swiglu_mlp (whose twin is the reference there);
 kernels.expert_mlp.expert_swiglu_mlp routes here by itself while torch.compile traces and
@@ -75,13 +75,15 @@ def _link(w: torch.Tensor) -> torch.Tensor:
 def _fwd(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, offsets: torch.Tensor,
          gather_index: Optional[torch.Tensor], backend: str, save: bool,
          link13: Optional[torch.Tensor] = None, link2: Optional[torch.Tensor] = None,
-         emit: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+         emit: bool = False, zero_tail: bool = True
+         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y [P, D], pre [P, 2F], h [P, F], link13, link2); pre and h are empty [0] when not
     `save`, the links (for the next step) empty [0] when not `emit`. The input links only
-    carry the chain's gradient: forward does not read them."""
+    carry the chain's gradient: forward does not read them. zero_tail=False: y's rows
+    [offsets[E], P) may be left unwritten (expert_swiglu_mlp_op)."""
     prims = _prims(backend, x)
     h, pre = prims.gmm_swiglu(x, w13, offsets, gather_index, store_pre=save, zero_tail=False)
-    y = prims.gmm(h, w2, offsets)
+    y = prims.gmm(h, w2, offsets, zero_tail=zero_tail)
     out13, out2 = (_link(w13), _link(w2)) if emit else (x.new_empty(0), x.new_empty(0))
     if not save:
         return y, x.new_empty(0), x.new_empty(0), out13, out2
@@ -90,7 +92,7 @@ def _fwd(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, offsets: torch.Te
 
 @_fwd.register_fake
 def _fwd_fake(x, w13, w2, offsets, gather_index, backend, save, link13=None, link2=None,
-              emit=False):
+              emit=False, zero_tail=True):
     p = x.shape[0] if gather_index is None else gather_index.shape[0]
     f2 = w13.shape[2]
     links = (_link(w13), _link(w2)) if emit else (x.new_empty(0), x.new_empty(0))
@@ -103,11 +105,13 @@ def _fwd_fake(x, w13, w2, offsets, gather_index, backend, save, link13=None, lin
 def _bwd(dy: torch.Tensor, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
          offsets: torch.Tensor, gather_index: Optional[torch.Tensor], pre: torch.Tensor,
          h: torch.Tensor, backend: str, acc13: Optional[torch.Tensor] = None,
-         acc2: Optional[torch.Tensor] = None, final: bool = True
+         acc2: Optional[torch.Tensor] = None, final: bool = True, zero_tail: bool = True
          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx [T, D], dw13 [E, D, 2F], dw2 [E, F, D]): the backward of kernels.expert_mlp.
     acc13 / acc2: fp32 weight-gradient sums of the later steps to add (wgrad_chain), or None;
-    final: dW in the weights' dtype (the chain's end), else the fp32 sum for the step before."""
+    final: dW in the weights' dtype (the chain's end), else the fp32 sum for the step before;
+    zero_tail=False: dx's rows [offsets[E], P) may be left unwritten (not with a gather,
+    whose scatter adds every row into dx)."""
     from kernels.grouped_gemm import scatter_rows
 
     prims = _prims(backend, x)
@@ -121,23 +125,26 @@ def _bwd(dy: torch.Tensor, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
 
     dw2 = wgrad(h, dy, None, acc2, w2)
     dw13 = wgrad(x, dgu, gather_index, acc13, w13)
-    dx = scatter_rows(prims.gmm(dgu, w13, offsets, trans_w=True), gather_index, x.shape[0])
+    dxp = prims.gmm(dgu, w13, offsets, trans_w=True,
+                    zero_tail=zero_tail or gather_index is not None)
+    dx = scatter_rows(dxp, gather_index, x.shape[0])
     return dx, dw13, dw2
 
 
 @_bwd.register_fake
 def _bwd_fake(dy, x, w13, w2, offsets, gather_index, pre, h, backend, acc13=None, acc2=None,
-              final=True):
+              final=True, zero_tail=True):
     dt = None if final else torch.float32
     return (torch.empty_like(x), torch.empty_like(w13, dtype=dt),
             torch.empty_like(w2, dtype=dt))
 
 
 def _setup_context(ctx, inputs, output):
-    x, w13, w2, offsets, gather_index, backend, save, link13, _, emit = inputs
+    x, w13, w2, offsets, gather_index, backend, save, link13, _, emit, zero_tail = inputs
     _, pre, h, _, _ = output
     ctx.save_for_backward(x, w13, w2, offsets, gather_index, pre, h)
     ctx.backend, ctx.emit, ctx.chained = backend, emit, link13 is not None
+    ctx.zero_tail = zero_tail
     # pre and h are outputs for saving only, and a link may get no gradient: no zeros of
     # their shapes ([P, 2F], [E, K, N] fp32) built for grads that never come
     ctx.set_materialize_grads(False)
@@ -151,32 +158,35 @@ def _backward(ctx, dy, _dpre, _dh, dlink13, dlink2):
         dy = x.new_zeros(pre.shape[0], w2.shape[2])
     acc13, acc2 = (dlink13, dlink2) if ctx.emit else (None, None)
     dx, dw13, dw2 = _bwd(dy, x, w13, w2, offsets, gather_index, pre, h, ctx.backend, acc13, acc2,
-                         not ctx.chained)
+                         not ctx.chained, ctx.zero_tail)
     if ctx.chained:
-        return dx, None, None, None, None, None, None, dw13, dw2, None
-    return dx, dw13, dw2, None, None, None, None, None, None, None
+        return dx, None, None, None, None, None, None, dw13, dw2, None, None
+    return dx, dw13, dw2, None, None, None, None, None, None, None, None
 
 
 _fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def expert_swiglu_mlp_op(x, w13, w2, offsets, gather_index=None, backend="triton",
-                         wgrad_chain: Optional[WgradChain] = None):
+                         wgrad_chain: Optional[WgradChain] = None, zero_tail: bool = True):
     """y [P, D] of the expert SwiGLU MLP through the custom ops (see the module docstring).
 
     Args: x [T, D]; w13 [E, D, 2F]; w2 [E, F, D]; offsets int64 [E+1] on x's device;
         gather_index int64 [P] or None; backend: "triton", "grouped_mm", "loop" or "auto";
         wgrad_chain: this use's place in a chain of uses of the same weights (`wgrad_chain`,
-        or what the previous use returned), or None for a use on its own.
-    Returns: y [P, D] in x.dtype, zeros in rows [offsets[E], P); with a chain, (y, the chain
-        for the next use: None after the last)."""
+        or what the previous use returned), or None for a use on its own;
+        zero_tail: False when nothing reads rows [offsets[E], P) of y or of x's gradient
+            (hard IRL mode's compacted rows): those are then left unwritten, saving two
+            [tail, D] writes per step.
+    Returns: y [P, D] in x.dtype, zeros in rows [offsets[E], P) (unwritten with
+        zero_tail=False); with a chain, (y, the chain for the next use: None after the last)."""
     save = torch.is_grad_enabled() and (x.requires_grad or w13.requires_grad
                                         or w2.requires_grad)
     chain = wgrad_chain if save else None   # no backward, no chain
     emit = chain is not None and chain.uses > 1
     link13, link2 = (None, None) if chain is None else (chain.link13, chain.link2)
     y, _, _, out13, out2 = _fwd(x, w13, w2, offsets, gather_index, backend or "auto", save,
-                                link13, link2, emit)
+                                link13, link2, emit, zero_tail)
     if wgrad_chain is None:
         return y
     return y, (WgradChain(chain.uses - 1, out13, out2) if emit else None)

@@ -94,14 +94,16 @@ def _loop_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.T
     return out
 
 
-def torch_gmm(a, w, offsets, gather_index=None, trans_w=False, use_grouped_mm=True):
-    """[P, N] = A[rows_e] @ W[e] (W[e]^T with trans_w); A = a[gather_index] when given."""
+def torch_gmm(a, w, offsets, gather_index=None, trans_w=False, use_grouped_mm=True,
+              zero_tail=True):
+    """[P, N] = A[rows_e] @ W[e] (W[e]^T with trans_w); A = a[gather_index] when given. Rows
+    [offsets[E], P) are zeros; grouped_mm's are left as it wrote them with zero_tail=False."""
     if gather_index is not None:
         a = a.index_select(0, gather_index)
     b = w.transpose(-2, -1) if trans_w else w
     if use_grouped_mm and _grouped_mm_ok(a, b):
         y = F.grouped_mm(a, b, offs=offsets[1:].to(torch.int32))
-        return _zero_tail(y, offsets)
+        return _zero_tail(y, offsets) if zero_tail else y
     return _loop_mm(a, b, offsets)
 
 
@@ -145,8 +147,8 @@ class TorchPrimitives:
     def __init__(self, use_grouped_mm: bool):
         self.use_grouped_mm = use_grouped_mm
 
-    def gmm(self, a, w, offsets, gather_index=None, trans_w=False):
-        return torch_gmm(a, w, offsets, gather_index, trans_w, self.use_grouped_mm)
+    def gmm(self, a, w, offsets, gather_index=None, trans_w=False, zero_tail=True):
+        return torch_gmm(a, w, offsets, gather_index, trans_w, self.use_grouped_mm, zero_tail)
 
     def gmm_swiglu(self, a, w13, offsets, gather_index=None, store_pre=True, zero_tail=True):
         pre = self.gmm(a, w13, offsets, gather_index)

@@ -364,8 +364,8 @@ def hard_mode_steps(shape, p, dtype=torch.bfloat16):
     experts run them). Soft: both steps on all rows. Hard, as the MoC experts run it
     (megatron_moc/moc/experts.py `_hard_step`): step 2 moves each expert's active half to the
     front (dispatch.compact_rows: the inactive rows are not read and come out as zeros), runs
-    the MLP on those offsets, and moves the rows back (uncompact_rows); each move's backward
-    is the other. Also timed, "hard_permute": the same with plain permutation gathers of all
+    the MLP on those offsets (its y and dX rows past them left unwritten, zero_tail=False),
+    and moves the rows back (uncompact_rows); each move's backward is the other. Also timed, "hard_permute": the same with plain permutation gathers of all
     rows both ways (dispatch.permute_rows, the moves before session 19).
 
     Returns (step2, leaves): step2(mode) runs one forward + backward, mode "soft", "hard" or
@@ -394,7 +394,7 @@ def hard_mode_steps(shape, p, dtype=torch.bfloat16):
             h2, _ = expert_swiglu_mlp(h1, w13, w2, offsets, wgrad_chain=chain)
         elif mode == "hard":
             y2, _ = expert_swiglu_mlp(compact_rows(h1, order, inverse, count), w13, w2, off2,
-                                      wgrad_chain=chain)
+                                      wgrad_chain=chain, zero_tail=False)   # as _hard_step
             h2 = uncompact_rows(y2, inverse, order, count)
         else:
             y2, _ = expert_swiglu_mlp(permute_rows(h1, order, inverse), w13, w2, off2,

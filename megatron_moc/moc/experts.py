@@ -68,18 +68,20 @@ def swiglu_mlp_grouped_mm(z_PD, w13_EDF, w2_EFD, offsets_E1):
     return torch.where(valid, F.grouped_mm(act, w2_EFD, offs=offs), 0)
 
 
-def swiglu_mlp_triton(z_PD, w13_EDF, w2_EFD, offsets_E1, wgrad_chain=None):
+def swiglu_mlp_triton(z_PD, w13_EDF, w2_EFD, offsets_E1, wgrad_chain=None, zero_tail=True):
     """Our Triton kernels. With a `wgrad_chain` (kernels/expert_mlp_op.py), returns (y, the
     chain for the next step): the S steps' weight gradients then add up in fp32 inside the
-    wgrad kernel and are rounded once, eager and under torch.compile alike."""
+    wgrad kernel and are rounded once, eager and under torch.compile alike. zero_tail=False:
+    y's and z's gradient's rows past offsets[E] may be left unwritten (hard mode)."""
     if wgrad_chain is not None:
         from kernels.expert_mlp_op import expert_swiglu_mlp_op
 
         return expert_swiglu_mlp_op(z_PD, w13_EDF, w2_EFD, offsets_E1, backend="triton",
-                                    wgrad_chain=wgrad_chain)
+                                    wgrad_chain=wgrad_chain, zero_tail=zero_tail)
     from kernels.expert_mlp import expert_swiglu_mlp
 
-    return expert_swiglu_mlp(z_PD, w13_EDF, w2_EFD, offsets_E1, backend="triton")
+    return expert_swiglu_mlp(z_PD, w13_EDF, w2_EFD, offsets_E1, backend="triton",
+                             zero_tail=zero_tail)
 
 
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -223,11 +225,15 @@ class IRLExperts(nn.Module):
         return h, expected_P
 
     @staticmethod
-    def _mlp(mlp, z, w13, w2, offsets_E1, chain):
-        """(y, next chain): the chain (swiglu_mlp_triton) only where there is one."""
-        if chain is None:
+    def _mlp(mlp, z, w13, w2, offsets_E1, chain, zero_tail=True):
+        """(y, next chain): the chain (swiglu_mlp_triton) only where there is one.
+        zero_tail=False reaches the Triton MLP only; the torch backends write zeros there
+        anyway."""
+        if mlp is not swiglu_mlp_triton:
             return mlp(z, w13, w2, offsets_E1), None
-        return mlp(z, w13, w2, offsets_E1, wgrad_chain=chain)
+        if chain is None:
+            return mlp(z, w13, w2, offsets_E1, zero_tail=zero_tail), None
+        return mlp(z, w13, w2, offsets_E1, wgrad_chain=chain, zero_tail=zero_tail)
 
     @staticmethod
     def _soft_step(mlp, w13, w2, h, x, norm_w, a_P1, chain, offsets_E1, eps):
@@ -243,11 +249,13 @@ class IRLExperts(nn.Module):
         move them back. The norm runs in dispatch order, as in `_soft_step` (its weights
         built once per layer); the moves there and back read only the active rows and
         write zeros for the rest (kernels/active_rows.py), so the inactive rows cost no
-        reads, forward or backward."""
+        reads, forward or backward. Nor do they read the MLP's rows past the active count,
+        of y forward and of z's gradient backward: the MLP leaves those unwritten
+        (zero_tail=False), which saves two [inactive, D] writes per step."""
         order, inverse, offsets = compact_active(active_P > 0, offsets_E1)
         count = offsets[-1:]
         z = compact_rows(rms_norm(h + x, norm_w, eps), order, inverse, count)
-        y, chain = IRLExperts._mlp(mlp, z, w13, w2, offsets, chain)
+        y, chain = IRLExperts._mlp(mlp, z, w13, w2, offsets, chain, zero_tail=False)
         return a_P1 * uncompact_rows(y, inverse, order, count), chain   # a = 0: inactive
 
 

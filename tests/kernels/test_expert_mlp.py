@@ -62,6 +62,29 @@ def test_expert_mlp_matches_reference(case, gather, entry, device, poison, gmm_p
         assert rel(a.grad, b.grad) < 1e-5
 
 
+@pytest.mark.parametrize("entry", ["function", "custom_op"])
+def test_expert_mlp_without_zero_tail(entry, device, poison, gmm_path):
+    """zero_tail=False (hard IRL mode): the rows before offsets[E] of y and of every gradient
+    are those of the float64 reference; the rows past it of y and dX are left unwritten
+    on the TMA path (NaN under the poison), so nothing is spent on them."""
+    from kernels.expert_mlp_op import expert_swiglu_mlp_op
+
+    fn = expert_swiglu_mlp if entry == "function" else expert_swiglu_mlp_op
+    x, w13, w2, dy, offsets, _ = make(*CASES[2], False, device)
+    end = int(offsets[-1])
+    y, leaves = grads(fn, (x, w13, w2), offsets, backend="triton", zero_tail=False)
+    y.backward(dy)
+    y_r, leaves_r = grads(expert_swiglu_mlp_reference, (x.double(), w13.double(),
+                                                         w2.double()), offsets)
+    y_r.backward(dy.double())
+    assert rel(y[:end], y_r[:end]) < 1e-5
+    assert rel(leaves[0].grad[:end], leaves_r[0].grad[:end]) < 1e-5
+    for a, b in zip(leaves[1:], leaves_r[1:]):
+        assert rel(a.grad, b.grad) < 1e-5
+    if gmm_path == "tma":   # the pointer kernels write their tiles' zeros anyway
+        assert y[end:].isnan().all() and leaves[0].grad[end:].isnan().all()
+
+
 @pytest.mark.parametrize("gather", [False, True])
 @pytest.mark.parametrize("case", CASES)
 def test_grouped_swiglu_matches_reference(case, gather, device, poison, gmm_path):
