@@ -392,15 +392,16 @@ def _size_blocks(nargs):
     _set_block(nargs["c_desc"], (nargs["SUB_M"], bn))
 
 
-def config(bm, bn, bk, stages, consumers=2, mma_regs=_NUM_REGS[0], load_regs=_NUM_REGS[1]):
+def config(bm, bn, bk, stages, consumers=2, mma_regs=_NUM_REGS[0], load_regs=_NUM_REGS[1],
+           group=8):
     """A triton.Config of this kernel (also for fixed-config benchmark sweeps); consumers 1,
-    2 (ping-pong) or COOP."""
+    2 (ping-pong) or COOP; group: GROUP_M, the row tiles that share their B tiles in L2."""
     if consumers not in (1, 2, COOP):
         raise ValueError(f"grouped_gemm_ws.config: consumers must be 1, 2 or {COOP!r}, "
                          f"got {consumers!r}")
     coop = consumers == COOP
     parts = 1 if consumers == 1 else 2
-    return triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, STAGES=stages,
+    return triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group, STAGES=stages,
                               MMA_REGS=mma_regs, LOAD_REGS=load_regs, CONSUMERS=parts,
                               PINGPONG=consumers == 2, SUB_M=bm // 2 if coop else bm),
                          num_warps=4, maxnreg=_MAXNREG if parts == 2 else None,

@@ -223,15 +223,16 @@ def _size_blocks(nargs):
     ws._set_block(nargs["b_desc"], (br, bn))
 
 
-def config(bk, bn, br, stages, consumers=2):
+def config(bk, bn, br, stages, consumers=2, group=8):
     """A triton.Config of this kernel (also for fixed-config tests and sweeps); consumers 1,
-    2 (ping-pong) or ws.COOP."""
+    2 (ping-pong) or ws.COOP; group: GROUP_K, the dW row tiles that share their dY chunks
+    in L2."""
     if consumers not in (1, 2, ws.COOP):
         raise ValueError(f"grouped_gemm_ws_wgrad.config: consumers must be 1, 2 or "
                          f"{ws.COOP!r}, got {consumers!r}")
     coop = consumers == ws.COOP
     parts = 1 if consumers == 1 else 2
-    return triton.Config(dict(BLOCK_K=bk, BLOCK_N=bn, BLOCK_R=br, GROUP_K=8, STAGES=stages,
+    return triton.Config(dict(BLOCK_K=bk, BLOCK_N=bn, BLOCK_R=br, GROUP_K=group, STAGES=stages,
                               MMA_REGS=ws._NUM_REGS[0], LOAD_REGS=ws._NUM_REGS[1],
                               CONSUMERS=parts, PINGPONG=consumers == 2,
                               SUB_K=bk // 2 if coop else bk),

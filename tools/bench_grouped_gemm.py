@@ -575,6 +575,9 @@ def main(argv=None):
                     help="MLP part: comma-separated subset of the methods")
     ap.add_argument("--shapes", default=None,
                     help="MLP / hard-mode parts: shapes as E,d,f;E,d,f (default: all four)")
+    ap.add_argument("--sweep-gemms", default=None,
+                    help="wssweep part: comma-separated subset of w13_fwd, w13_dgrad, w2_fwd, "
+                         "w2_dgrad, w13_wgrad, w2_wgrad (default: all six)")
     ap.add_argument("--smoke", action="store_true",
                     help="tiny shapes on the CPU (needs TRITON_INTERPRET=1): checks the script")
     args = ap.parse_args(argv)
@@ -613,7 +616,8 @@ def main(argv=None):
     if "wssweep" in parts and DEV == "cuda":
         for shape in gemm_shapes_of(args):
             try:
-                rows += sweeps.sweep_ws(shape, args.rows, rep)
+                rows += sweeps.sweep_ws(shape, args.rows, rep, args.sweep_gemms
+                                        and args.sweep_gemms.split(","))
             except Exception as err:   # keep the other parts' numbers
                 print(f"  ws sweep {shape} failed: {type(err).__name__}: {err}", flush=True)
     if "probe" in parts:

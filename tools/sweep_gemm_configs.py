@@ -64,13 +64,22 @@ def sweep_gemms(shape, p, rep):
     return out
 
 
+# (BLOCK_M, BLOCK_N, BLOCK_K, stages, consumers, (mma, load registers)[, GROUP_M])
 WS_SWEEP = ([c + ((232, 40),) for c in ws.CONFIGS]
             + [(128, 128, 64, 4, 2, (240, 24)), (128, 128, 64, 5, 1, (232, 40)),
-               (128, 128, 32, 8, 1, (232, 40)), (256, 128, 32, 6, ws.COOP, (232, 40))])
-WS_WGRAD_SWEEP = wsw.CONFIGS + [(128, 256, 64, 4, ws.COOP), (256, 128, 64, 4, ws.COOP),
-                                (256, 128, 64, 3, ws.COOP),
-                                (128, 256, 32, 8, ws.COOP), (256, 128, 32, 8, ws.COOP),
-                                (256, 128, 128, 2, ws.COOP)]
+               (128, 128, 32, 8, 1, (232, 40)), (256, 128, 32, 6, ws.COOP, (232, 40))]
+            + [c + ((232, 40), g) for c in ((128, 128, 64, 4, 2), (128, 256, 64, 3, ws.COOP),
+                                            (128, 256, 32, 6, ws.COOP)) for g in (4, 16, 32)])
+# (BLOCK_K, BLOCK_N, BLOCK_R, stages, consumers[, GROUP_K])
+WS_WGRAD_SWEEP = (wsw.CONFIGS + [(128, 256, 64, 4, ws.COOP), (256, 128, 64, 4, ws.COOP),
+                                 (256, 128, 64, 3, ws.COOP),
+                                 (128, 256, 32, 8, ws.COOP), (256, 128, 32, 8, ws.COOP),
+                                 (256, 128, 128, 2, ws.COOP)]
+                  + [c + (g,) for c in ((128, 128, 64, 4, 2), (128, 128, 64, 5, 2))
+                     for g in (4, 16, 32)])
+
+
+GEMMS = ("w13_fwd", "w13_dgrad", "w2_fwd", "w2_dgrad", "w13_wgrad", "w2_wgrad")
 
 
 def _ws_fixed(name, flops, run, configs, rep, label):
@@ -84,10 +93,14 @@ def _ws_fixed(name, flops, run, configs, rep, label):
     return sorted(res, key=lambda r: -r[0])
 
 
-def sweep_ws(shape, p, rep):
-    """The six GEMMs on the warp-specialized kernels over fixed configs (WS_SWEEP for fwd /
-    dgrad, WS_WGRAD_SWEEP for the wgrads), each in a CUDA graph, against the autotuned pick,
-    the TMA kernel's and F.grouped_mm (the issue's per-GEMM bar), all timed in this call."""
+def sweep_ws(shape, p, rep, gemms=None):
+    """The six GEMMs (or those named in `gemms`) on the warp-specialized kernels over fixed
+    configs (WS_SWEEP for fwd / dgrad, WS_WGRAD_SWEEP for the wgrads), each in a CUDA graph,
+    against the autotuned pick, the TMA kernel's and F.grouped_mm (the issue's per-GEMM bar),
+    all timed in this call."""
+    unknown = set(gemms or ()) - set(GEMMS)
+    if unknown:
+        raise ValueError(f"sweep_ws: unknown GEMMs {sorted(unknown)}; known: {list(GEMMS)}")
     e, d, f = shape
     offsets, _ = bench.routing(p, e, "balanced")
     offs32 = offsets[1:].to(torch.int32)
@@ -103,6 +116,8 @@ def sweep_ws(shape, p, rep):
              "w13_wgrad": (x, dgu, d, 2 * f, None), "w2_wgrad": (h, dy, f, d, None)}
     out = []
     for name, (a, w, n, k, trans) in cases.items():
+        if gemms and name not in gemms:
+            continue
         flops = 2.0 * p * n * k
         if trans is None:                      # wgrad: a [P, n] and w (= dY) [P, k]
             outs = [torch.empty(e, n, k, **bf) for _ in range(bench.ROT)]
@@ -119,7 +134,7 @@ def sweep_ws(shape, p, rep):
             w2d = tma.weights_2d(w)
             run = lambda cfg: lambda i: ws.launch_gmm_ws(   # noqa: E731
                 a[i], w2d, outs[i], offsets, n, k, e, trans, pb, nprog,
-                cfg=ws.config(*cfg[:5], *cfg[5]))
+                cfg=ws.config(*cfg[:5], *cfg[5], *cfg[6:]))
             configs = WS_SWEEP
         tuned = flops / bench.graph_time(call, rep=rep) * 1e-9
         tma_t = flops / bench.graph_time(bench.tma_only(call), rep=rep) * 1e-9

@@ -22,6 +22,12 @@ CASES = [
 ]
 
 
+# GROUP_M other than the default 8 (tools/sweep_gemm_configs.py sweeps them): 1, 3 (groups
+# that do not divide the row tiles) and 32 (more than there are)
+GROUP_VARIANTS = [(128, 128, 64, 4, 2, 232, 40, 1), (128, 128, 64, 4, 2, 232, 40, 3),
+                  (128, 256, 64, 3, ws.COOP, 232, 40, 32)]
+
+
 def _usable():
     return (torch.cuda.is_available() and ws.gluon is not None
             and torch.cuda.get_device_capability()[0] == 9)
@@ -55,7 +61,7 @@ def rel(a, b):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _usable(), reason="needs an sm90 GPU and Gluon")
-@pytest.mark.parametrize("cfg", ws.CONFIGS, ids=str)
+@pytest.mark.parametrize("cfg", ws.CONFIGS + GROUP_VARIANTS, ids=str)
 @pytest.mark.parametrize("trans", [False, True])
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_ws_kernel_matches_reference(case, trans, cfg):
@@ -249,3 +255,19 @@ def test_config_rejects_an_unknown_schedule(module):
     half = "SUB_M" if module == "grouped_gemm_ws" else "SUB_K"
     assert cfg.kwargs[half] == 64 and cfg.kwargs["CONSUMERS"] == 2
     assert not cfg.kwargs["PINGPONG"]
+
+
+def test_every_sweep_entry_is_a_config():
+    """tools/sweep_gemm_configs.py's fixed configs (with and without a GROUP_M / GROUP_K)
+    build kernel configs, and an unknown GEMM name is refused before anything is timed (CPU)."""
+    from kernels import grouped_gemm_ws_wgrad as wsw
+    from tools import sweep_gemm_configs as sweeps
+    if ws.gluon is None:
+        pytest.skip("this Triton has no Gluon")
+    for cfg in sweeps.WS_SWEEP:
+        c = ws.config(*cfg[:5], *cfg[5], *cfg[6:])
+        assert c.kwargs["GROUP_M"] == (cfg[6] if len(cfg) > 6 else 8)
+    for cfg in sweeps.WS_WGRAD_SWEEP:
+        assert wsw.config(*cfg).kwargs["GROUP_K"] == (cfg[5] if len(cfg) > 5 else 8)
+    with pytest.raises(ValueError, match="unknown GEMMs \\['w3_fwd'\\]"):
+        sweeps.sweep_ws((2, 64, 64), 64, 1, ["w13_fwd", "w3_fwd"])

@@ -72,7 +72,8 @@ def run_mode(mode, a, dy, offsets, addend, launch):
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("cfg", wsw.CONFIGS, ids=str)
+@pytest.mark.parametrize("cfg", wsw.CONFIGS + [(128, 128, 64, 4, 2, 3),       # GROUP_K 3, 32
+                                 (128, 256, 64, 3, ws.COOP, 32)], ids=str)
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_ws_wgrad_matches_reference(case, cfg, mode):
     a, dy, offsets, addend = make(*case)
