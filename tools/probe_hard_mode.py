@@ -115,7 +115,7 @@ def main(argv=None):
     torch.manual_seed(0)
     shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes.split(";")]
     if args.smoke:
-        bgg.DEV, shapes, args.rows, args.iters = "cpu", [(4, 64, 96)], 256, 1
+        bgg.DEV, shapes, args.rows, args.iters = "cpu", [(2, 32, 48)], 64, 1
     out = [probe(s, args.rows, args.iters, args.eager) for s in shapes]
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "probe_hard_mode.json"), "w") as fh:
