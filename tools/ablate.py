@@ -42,7 +42,6 @@ import math
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -282,12 +281,6 @@ def kill_leftover(run_dir: str) -> None:
     os.remove(os.path.join(run_dir, PID_FILE))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @dataclass
 class Job:
     run: Run
@@ -305,6 +298,7 @@ def launch(run: Run, config: str, slot: int, jobs: int, gpus: Sequence[str], npr
         env.pop(k, None)
     env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
+    from megatron_moc.parallel.groups import free_port
     env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     if gpus:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus[slot * nproc:(slot + 1) * nproc])

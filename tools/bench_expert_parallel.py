@@ -53,7 +53,7 @@ def parse_args(argv=None):
 def build(args):
     from megatron_moc.model.gpt import build_model
     from megatron_moc.parallel.cpu_compat import enable_cpu_compat, seed_everything
-    from megatron_moc.parallel.groups import build_groups
+    from megatron_moc.parallel.groups import build_groups, free_port
     from megatron_moc.training.engine import load_ds_config, setup_engine
     from megatron_moc.training.pretrain import load_recipe, model_config_from_recipe
     from megatron.core import parallel_state as ps
@@ -66,7 +66,7 @@ def build(args):
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(29500 + os.getpid() % 2000))
+                          MASTER_PORT=str(free_port()))
     build_groups(args.tp, args.ep)
     seed_everything(1234)
     recipe = load_recipe(os.path.join(ROOT, "launchers", "configs", f"{args.recipe}.yaml"),

@@ -17,6 +17,7 @@ gradients are summed over TP (parallel/sequence_parallel.py).
 """
 
 import os
+import socket
 
 import torch
 import torch.distributed as dist
@@ -55,11 +56,20 @@ class MegatronMPU:
         return ps.get_tensor_model_parallel_group()
 
 
+def free_port() -> int:
+    """A TCP port free on this host now, for a world of one's store. Picking it by pid (as
+    before) let two concurrent test processes collide (EADDRINUSE); the OS's ephemeral pick
+    leaves only the short window until the store binds it."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def init_single_process(backend: str = "gloo") -> None:
     """A world of one (tests, tools): torch.distributed + Megatron groups with TP = EP = 1."""
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 2000))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
         dist.init_process_group(backend=backend, rank=0, world_size=1)
     if not ps.model_parallel_is_initialized():
         ps.initialize_model_parallel(1, 1)

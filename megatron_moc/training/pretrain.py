@@ -238,7 +238,7 @@ def _print0(*args) -> None:
 
 def _init_distributed(args: TrainArgs) -> None:
     from megatron_moc.parallel.cpu_compat import enable_cpu_compat
-    from megatron_moc.parallel.groups import build_groups
+    from megatron_moc.parallel.groups import build_groups, free_port
 
     if not torch.cuda.is_available():
         enable_cpu_compat()
@@ -248,7 +248,7 @@ def _init_distributed(args: TrainArgs) -> None:
     if "RANK" not in os.environ:  # plain `python -m ...`: a world of one
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 2000))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and \
             not torch.distributed.is_initialized():
         _init_process_group_per_attempt()

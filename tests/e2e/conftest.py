@@ -4,11 +4,12 @@ on 2 cores; a private dir per session keeps jobs from sharing a stale build lock
 tokenizer + dataset built by the data tools."""
 
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
+
+from megatron_moc.parallel.groups import free_port  # noqa: F401  (the e2e tests import it from here)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -42,9 +43,3 @@ def data(tmp_path_factory, env):
     return d
 
 
-def free_port() -> int:
-    """A TCP port nobody listens on now (for torchrun's master): fixed port ranges collided
-    between test modules and with other jobs on the machine."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]

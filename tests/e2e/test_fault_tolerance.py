@@ -22,7 +22,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -31,6 +30,7 @@ import pytest
 import torch
 
 from megatron_moc.training import atomic_checkpoint as atomic
+from tests.e2e.conftest import free_port
 from tests.e2e.test_pretrain import ROOT, TINY, final_weights, train_losses
 
 # 12 steps, a checkpoint every 2, the newest 3 kept; router noise makes the RNG state matter.
@@ -39,15 +39,9 @@ COMMON = ("train.train_iters=12", "train.save_interval=2", "train.keep_last=3",
 SEED = int(os.environ.get("FAULT_SEED", time.time_ns() % 100_000))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def torchrun(data, save, *overrides, max_restarts=0):
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-            "--max-restarts", str(max_restarts), "--master_port", str(_free_port()),
+            "--max-restarts", str(max_restarts), "--master_port", str(free_port()),
             "-m", "megatron_moc.training.pretrain", "--config", TINY,
             f"train.data_path=[{data / 'stdlib'}]", f"train.tokenizer={data / 'tok.model'}",
             f"train.save={save}", "train.log_interval=1", "train.warmup_iters=5", *overrides]
