@@ -41,5 +41,3 @@ def data(tmp_path_factory, env):
                  "--workers", "2", "--no-progress"]):
         subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
     return d
-
-
