@@ -9,7 +9,9 @@ expert MLP, forward and forward+backward, for our Triton op (fused and unfused S
 per-expert loop, F.grouped_mm and one dense MLP of equal FLOPs, balanced and Zipf routing;
 (3) per-GEMM forward / dgrad / wgrad against dense cuBLAS (mm and bmm of the same shape) and
 F.grouped_mm; (4) hard IRL mode: S = 2 where half the rows stop after step 1, against soft
-mode. Times are triton.testing.do_bench medians on random data, inputs rotated.
+mode; (5) `--parts pairs`: per GEMM, ours, grouped_mm and mm interleaved in CUDA graphs, so
+each sees the same power state (tools/interleaved_gemm_timing.py). Times are
+triton.testing.do_bench medians on random data, inputs rotated.
 """
 from __future__ import annotations
 
@@ -552,7 +554,8 @@ def table(rows):
                            f"{r['triton_graph'] / r['bmm_graph']:.2f} "
                            f"{r['triton_graph'] / r['grouped_mm_graph']:.2f}")
     for r in rows:
-        if r["part"] in ("bf16_check", "hard_mode", "probe_hard", "sweep", "ws_sweep"):
+        if r["part"] in ("bf16_check", "hard_mode", "probe_hard", "sweep", "ws_sweep",
+                         "gemm_pairs"):
             out.append(json.dumps(r))
     return "\n".join(out)
 
@@ -613,6 +616,11 @@ def main(argv=None):
         for shape in gemm_shapes_of(args):
             rows += bench_gemms(shape, args.rows, rep, graph=args.graph,
                                 pointer_kernels=not args.no_pointer, rounds=args.rounds)
+    if "pairs" in parts:
+        from tools import interleaved_gemm_timing as pairs
+        for shape in gemm_shapes_of(args):
+            rows += pairs.bench_pairs(gemm_fns, shape, args.rows, ROT, on_gpu=DEV == "cuda",
+                                      reps=40 if DEV == "cuda" else 4)
     if "sweep" in parts and DEV == "cuda":
         for shape in GEMM_SHAPES[:2]:
             try:
