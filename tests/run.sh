@@ -7,4 +7,5 @@ export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
 # DeepSpeed JIT-builds a CPU op; a private extensions dir keeps jobs from sharing a stale lock.
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$(mktemp -d -t moc-ext-XXXXXX)}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
-exec python -m pytest tests -q -p no:cacheprovider "$@"
+# --durations: the suite should stay under ~15 min on the 2-core CI machine (17 min in session 22).
+exec python -m pytest tests -q -p no:cacheprovider --durations=15 "$@"
