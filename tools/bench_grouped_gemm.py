@@ -34,6 +34,7 @@ from kernels import grouped_gemm_ws_wgrad as wsw                               #
 from kernels import sustained_timing                                           # noqa: E402
 from kernels.expert_mlp import expert_swiglu_mlp, expert_swiglu_mlp_reference  # noqa: E402
 from kernels.expert_mlp_op import wgrad_chain                                  # noqa: E402
+from tools import interleaved_gemm_timing as interleaved                       # noqa: E402
 
 SHAPES = [(8, 768, 2048), (8, 2048, 5632), (16, 2048, 2816), (64, 2048, 1408)]
 GEMM_SHAPES = [(8, 2048, 5632), (8, 768, 2048), (8, 1024, 3200)]   # the last: moe_1b's experts
@@ -218,16 +219,7 @@ def graph_time(fn, calls=10, rep=100):
     """ms per call of fn(i), i over the ROT input sets, from the replay of one CUDA graph of
     `calls` calls (captured after a warm-up, which also autotunes): GPU time without each
     launch's host work, as the model's graphed train step runs it."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for j in range(2):
-            fn(j % ROT)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for j in range(calls):
-            fn(j % ROT)
+    graph = interleaved.capture_graph(fn, calls, ROT)
     # A long warm-up: the GPU idles while the autotuner and Triton compile (seconds), and
     # its clocks take longer than do_bench's 25 ms to come back. In the session 21 sweep
     # the first-timed column of each GEMM ran 7-13% below the same kernel timed later.
@@ -617,10 +609,10 @@ def main(argv=None):
             rows += bench_gemms(shape, args.rows, rep, graph=args.graph,
                                 pointer_kernels=not args.no_pointer, rounds=args.rounds)
     if "pairs" in parts:
-        from tools import interleaved_gemm_timing as pairs
         for shape in gemm_shapes_of(args):
-            rows += pairs.bench_pairs(gemm_fns, shape, args.rows, ROT, on_gpu=DEV == "cuda",
-                                      reps=40 if DEV == "cuda" else 4)
+            rows += interleaved.bench_pairs(gemm_fns, shape, args.rows, ROT,
+                                            on_gpu=DEV == "cuda",
+                                            reps=40 if DEV == "cuda" else 4)
     if "sweep" in parts and DEV == "cuda":
         for shape in GEMM_SHAPES[:2]:
             try:

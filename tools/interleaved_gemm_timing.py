@@ -7,7 +7,7 @@ idle, a compile, or minutes at the cap. In one session's sweep, the same kernel 
 timed 16-21% apart. That is more than the ±2% that decides "never slower than grouped_mm".
 
 This part captures one CUDA graph per method (`calls` calls each, inputs rotated, as
-`bench_grouped_gemm.graph_time` does). It replays them for `warmup_s` in turns, to reach the
+`bench_grouped_gemm.graph_time` does, by `capture_graph`). It replays them for `warmup_s` in turns, to reach the
 steady power state. Then it times `reps` rounds, with one CUDA event pair around every
 replay, and the order rotated each round so that every method takes every position.
 What it reports, per method:
@@ -44,7 +44,7 @@ def _median(vals):
     return vals[len(vals) // 2] if vals else float("nan")
 
 
-def _capture(fn, calls, rot):
+def capture_graph(fn, calls, rot):
     """A CUDA graph of `calls` calls of fn(i), i cycling over `rot` input sets, captured
     after two warm-up calls on a side stream (they also autotune)."""
     side = torch.cuda.Stream()
@@ -73,7 +73,7 @@ def interleaved_times(fns, rot, calls=10, reps=40, warmup_s=WARMUP_S, on_gpu=Tru
                 fns[m](0)
                 times[m].append((time.perf_counter() - t) * 1e3)
         return times
-    graphs = {m: _capture(fns[m], calls, rot) for m in names}
+    graphs = {m: capture_graph(fns[m], calls, rot) for m in names}
     t_end = time.perf_counter() + warmup_s
     while time.perf_counter() < t_end:
         for m in names:
