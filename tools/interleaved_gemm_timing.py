@@ -6,9 +6,9 @@ the next. On an H100 these GEMMs hold the board at its 700 W cap (session 22: SM
 idle, a compile, or minutes at the cap. In one session's sweep, the same kernel and config
 timed 16-21% apart. That is more than the ±2% that decides "never slower than grouped_mm".
 
-This part captures one CUDA graph per method (`calls` calls each, inputs rotated, as
-`bench_grouped_gemm.graph_time` does, by `capture_graph`). It replays them for `warmup_s` in turns, to reach the
-steady power state. Then it times `reps` rounds, with one CUDA event pair around every
+This part captures one CUDA graph per method (`calls` calls each, inputs rotated, by
+`capture_graph`, as `bench_grouped_gemm.graph_time` does). It replays them in turns for
+`warmup_s`, to reach the steady power state. Then it times `reps` rounds, with one CUDA event pair around every
 replay, and the order rotated each round so that every method takes every position.
 What it reports, per method:
 - the median ms per call;
