@@ -8,8 +8,9 @@ timed 16-21% apart. That is more than the ±2% that decides "never slower than g
 
 This part captures one CUDA graph per method (`calls` calls each, inputs rotated, by
 `capture_graph`, as `bench_grouped_gemm.graph_time` does). It replays them in turns for
-`warmup_s`, to reach the steady power state. Then it times `reps` rounds, with one CUDA event pair around every
-replay, and the order rotated each round so that every method takes every position.
+`warmup_s`, to reach the steady power state. Then it times `reps` rounds, with one CUDA
+event pair around every replay, and the order rotated each round so that every method takes
+every position.
 What it reports, per method:
 - the median ms per call;
 - the median over rounds of `t_ref / t_method`: the speed ratio against the reference
