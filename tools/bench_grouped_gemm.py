@@ -10,7 +10,8 @@ per-expert loop, F.grouped_mm and one dense MLP of equal FLOPs, balanced and Zip
 (3) per-GEMM forward / dgrad / wgrad against dense cuBLAS (mm and bmm of the same shape) and
 F.grouped_mm; (4) hard IRL mode: S = 2 where half the rows stop after step 1, against soft
 mode; (5) `--parts pairs`: per GEMM, ours, grouped_mm and mm interleaved in CUDA graphs, so
-each sees the same power state (tools/interleaved_gemm_timing.py). Times are
+each sees the same power state (tools/interleaved_gemm_timing.py); (6) `--parts wgradpairs`:
+the wgrad kernels' fixed configs against grouped_mm, the same way. Times are
 triton.testing.do_bench medians on random data, inputs rotated.
 """
 from __future__ import annotations
@@ -547,7 +548,7 @@ def table(rows):
                            f"{r['triton_graph'] / r['grouped_mm_graph']:.2f}")
     for r in rows:
         if r["part"] in ("bf16_check", "hard_mode", "probe_hard", "sweep", "ws_sweep",
-                         "gemm_pairs"):
+                         "gemm_pairs", "wgrad_pairs"):
             out.append(json.dumps(r))
     return "\n".join(out)
 
@@ -592,7 +593,7 @@ def main(argv=None):
         shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes.split(";")]
     rep = 30 if args.quick else 100
     parts, rows = args.parts.split(","), []
-    if "sweep" in parts or "wssweep" in parts:
+    if "sweep" in parts or "wssweep" in parts or "wgradpairs" in parts:
         from tools import sweep_gemm_configs as sweeps
         sweeps.bench = sys.modules[__name__]   # this module's settings, also when run as a script
     device = torch.cuda.get_device_name() if DEV == "cuda" else "cpu"
@@ -626,6 +627,14 @@ def main(argv=None):
                                         and args.sweep_gemms.split(","))
             except Exception as err:   # keep the other parts' numbers
                 print(f"  ws sweep {shape} failed: {type(err).__name__}: {err}", flush=True)
+    if "wgradpairs" in parts:
+        wgrads = [g for g in (args.sweep_gemms or "w13_wgrad,w2_wgrad").split(",")
+                  if g.endswith("_wgrad")]
+        for shape in gemm_shapes_of(args):
+            rows += sweeps.sweep_wgrad_pairs(
+                shape, args.rows, wgrads, on_gpu=DEV == "cuda",
+                **({} if DEV == "cuda" else dict(reps=2, ws_configs=[], tma_configs=[
+                    (16, 16, 16, 4, 1, g) for g in (1, 8)])))   # --smoke: interpreter-sized
     if "probe" in parts:
         rows.append(probe_hard(shapes[1] if len(shapes) > 1 else shapes[0], args.rows, rep))
     if "hard" in parts:

@@ -40,7 +40,7 @@ def ratios_to(ref, times):
     return {m: [r / t for r, t in zip(times[ref], ts)] for m, ts in times.items()}
 
 
-def _median(vals):
+def median(vals):
     vals = sorted(vals)
     return vals[len(vals) // 2] if vals else float("nan")
 
@@ -107,8 +107,8 @@ def bench_pairs(gemm_fns, shape, p, rot, reps=40, methods=PAIR_METHODS, on_gpu=T
         ratios = ratios_to(methods[0], times)
         row = dict(part="gemm_pairs", E=e, d=d, f=f, gemm=name, reps=reps)
         for m in methods:
-            row[m] = flops / _median(times[m]) * 1e-9
-            row[f"ratio_{m}"] = _median(ratios[m])
+            row[m] = flops / median(times[m]) * 1e-9
+            row[f"ratio_{m}"] = median(ratios[m])
         rows.append(row)
         print(f"  pairs {shape} {name:10s} " + "  ".join(
             f"{m} {row[m]:6.1f}" for m in methods) + "  ours / " + "  ".join(

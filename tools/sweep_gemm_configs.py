@@ -2,7 +2,9 @@
 
 Called by tools/bench_grouped_gemm.py (`--parts sweep` for the TMA kernel's forward-kernel
 GEMMs, `--parts wssweep` for the warp-specialized kernel); the numbers and what they decided
-are in docs/benchmarks.md (sessions 6, 8 and 12).
+are in docs/benchmarks.md (sessions 6, 8 and 12). `--parts wgradpairs` times the wgrad
+kernels' configs (TMA and warp-specialized, with their L2 group sizes) against grouped_mm
+in turns (tools/interleaved_gemm_timing.py), session 23.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from kernels import grouped_gemm_tma as tma
 from kernels import grouped_gemm_ws as ws
 from kernels import grouped_gemm_ws_wgrad as wsw
 from tools import bench_grouped_gemm as bench
+from tools import interleaved_gemm_timing as interleaved
 
 SWEEP_EXTRA = [(128, 128, 64, 8, 5), (128, 128, 64, 4, 6), (64, 256, 64, 4, 4),
                (256, 128, 64, 8, 4), (128, 256, 32, 8, 6), (64, 128, 64, 4, 6)]
@@ -145,5 +148,79 @@ def sweep_ws(shape, p, rep, gemms=None):
         print(f"  ws sweep {shape} {name}: grouped_mm {gmm_t:.0f}, autotuned {tuned:.0f}, "
               f"tma kernel {tma_t:.0f}, fixed: " + ", ".join(f"{t:.0f} {c}" for t, c in res),
               flush=True)
+        out.append(row)
+    return out
+
+
+# (BLOCK_K, BLOCK_N, BLOCK_M = rows a step, warps, stages, GROUP_M) of the TMA wgrad kernel.
+# GROUP_M: dW row tiles that share their dY chunks in L2. At (8, 2048, 5632)'s W13 wgrad a
+# wave of 132 tiles spans 8 of the 16 row tiles at GROUP_M 8, so each expert's dY (92 MB,
+# more than the 50 MB L2) is read from DRAM twice; at 16 once, for ~22% fewer DRAM bytes.
+TMA_WGRAD_PAIRS = ([(bk, bn, 64, 8, s, g) for bk, bn in ((128, 256), (256, 128))
+                    for s in (3, 4) for g in (8, 16, 32)]
+                   + [(128, 128, 64, 4, s, g) for s in (2, 3) for g in (8, 16)])
+# Warp-specialized wgrad configs (grouped_gemm_ws_wgrad.config's arguments).
+WS_WGRAD_PAIRS = ([(128, 256, 64, 3, ws.COOP, g) for g in (8, 16, 32)]
+                  + [(128, 128, 64, 5, 2, g) for g in (8, 16, 32)])
+
+
+def tma_wgrad_config(bk, bn, bm, warps, stages, group):
+    """A fixed-config dict of grouped_gemm_tma's wgrad kernel (launch_wgrad_tma's config)."""
+    return dict(BLOCK_K=bk, BLOCK_N=bn, BLOCK_M=bm, GROUP_M=group, num_warps=warps,
+                num_stages=stages)
+
+
+def sweep_wgrad_pairs(shape, p, gemms=("w13_wgrad", "w2_wgrad"), reps=None, on_gpu=True,
+                      tma_configs=None, ws_configs=None):
+    """The wgrads at `shape`: grouped_mm, our autotuned pick and each fixed config, all timed
+    in turns (interleaved_gemm_timing), so every config is compared with grouped_mm in the
+    same power state. One row per GEMM; `top` lists (ours / grouped_mm speed, TFLOP/s,
+    config label), best first."""
+    e, d, f = shape
+    offsets, _ = bench.routing(p, e, "balanced")
+    offs32 = offsets[1:].to(torch.int32)
+    bf = dict(device=bench.DEV, dtype=torch.bfloat16)
+    x, h, dy, dgu = [[torch.randn(p, n, **bf) for _ in range(bench.ROT)]
+                     for n in (d, f, d, 2 * f)]
+    kb = 1 << (p // e - 1).bit_length()
+    nprog = tma.num_programs(x[0].device)
+    prec = gg._prec(torch.bfloat16)
+    cases = {"w13_wgrad": (x, dgu), "w2_wgrad": (h, dy)}
+    unknown = set(gemms) - set(cases)
+    if unknown:
+        raise ValueError(f"sweep_wgrad_pairs: unknown GEMMs {sorted(unknown)}; known: "
+                         f"{list(cases)}")
+    tma_configs = TMA_WGRAD_PAIRS if tma_configs is None else tma_configs
+    ws_configs = (WS_WGRAD_PAIRS if ws.gluon is not None else []) if ws_configs is None \
+        else ws_configs
+    out = []
+    for name in gemms:
+        a, g = cases[name]
+        k, n = a[0].shape[1], g[0].shape[1]
+        flops = 2.0 * p * k * n
+        outs = [torch.empty(e, k, n, **bf) for _ in range(bench.ROT)]
+        fns = {"grouped_mm": lambda i: F.grouped_mm(a[i].t(), g[i], offs=offs32),
+               "autotuned": lambda i: gg.launch_wgrad(a[i], g[i], offsets)}
+        for c in tma_configs:
+            fns[f"tma{c}"] = lambda i, cfg=tma_wgrad_config(*c): tma.launch_wgrad_tma(
+                a[i], g[i], outs[i], offsets, None, None, kb, prec, config=cfg)
+        for c in ws_configs:
+            fns[f"ws{c}"] = lambda i, cfg=wsw.config(*c): wsw.launch_wgrad_ws(
+                a[i], g[i], outs[i], offsets, None, kb, nprog, cfg=cfg)
+        for label in list(fns):   # drop what does not compile here (shared memory, registers)
+            try:
+                fns[label](0)
+            except Exception as err:
+                print(f"  wgrad pairs {shape} {name} {label}: {type(err).__name__}", flush=True)
+                del fns[label]
+        times = interleaved.interleaved_times(fns, bench.ROT, reps=reps or max(20, len(fns)),
+                                              on_gpu=on_gpu)
+        speed = interleaved.ratios_to("grouped_mm", times)   # t_gmm / t_label per round
+        top = sorted(((interleaved.median(speed[m]),
+                       flops / interleaved.median(times[m]) * 1e-9, m) for m in fns),
+                     reverse=True)
+        row = dict(part="wgrad_pairs", E=e, d=d, f=f, gemm=name, top=top)
+        print(f"  wgrad pairs {shape} {name} (ours / grouped_mm, TFLOP/s): " + ", ".join(
+            f"{m} {r:.3f} {t:.0f}" for r, t, m in top), flush=True)
         out.append(row)
     return out
