@@ -13,7 +13,16 @@ store) runs under the other's wgmma main loop. What differs from the forward ker
   unwritten tail of an internal tensor: possibly NaN); the consumer zeroes them in shared
   memory before the wgmma reads the slot, in both operands (0 * NaN would still be NaN);
 - the accumulator starts from the fp32 addend (ACCUMULATE: the S-step weight-gradient sum,
-  the wgrad_chain of kernels/expert_mlp_op.py) or from zero; experts without rows store it as it is. The store is by pointer, masked at K and N, in C's dtype (fp32 or bf16).
+  the wgrad_chain of kernels/expert_mlp_op.py) or from zero; experts without rows store it
+  as it is.
+- a 16-bit C leaves by TMA store, asynchronously: the consumer writes its tile to shared
+  memory, issues the store and goes on to its next tile's main loop (it waits for that store
+  only before its next epilogue reuses the buffer). Its tile rows that cross K (they would
+  land in the next expert's rows of the 2-D view) and an fp32 C (the S-step sum: twice the
+  bytes, no room for the buffer) are stored by pointer, masked, in registers. Measured on an
+  H100 (docs/benchmarks.md, session 23): with the pointer store, the cooperative kernel's
+  time per tile had a fixed part about a sixth of the whole at 4096 rows an expert, the
+  epilogue's global writes stalling every SM at once at the tile boundary.
 
 Or cooperative (`consumers = ws.COOP`, the forward kernel's other schedule): both consumer
 warpgroups work on every tile, each on one half of its K rows (SUB_K = BLOCK_K / 2), so a
@@ -33,6 +42,8 @@ tools/compile_sm90.py.
 """
 from __future__ import annotations
 
+import torch
+
 from kernels import grouped_gemm_ws as ws
 
 if ws.gluon is not None:
@@ -40,15 +51,17 @@ if ws.gluon is not None:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (
-        fence_async_shared, mbarrier, warpgroup_mma, warpgroup_mma_wait)
+        fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait)
     _tma_load = ws._tma_load
+    _tma_store = ws._tma_store
     # Triton 3.7+ names the CTA barrier `barrier`; 3.6 has only `thread_barrier`.
     _barrier = getattr(gl, "barrier", None) or gl.thread_barrier
 
 # (BLOCK_K, BLOCK_N, BLOCK_R, STAGES, consumers): an output tile BLOCK_K x BLOCK_N, reduced
 # BLOCK_R rows a step; consumers 1, 2 (ping-pong: a consumer's tile is the whole tile, fp32
 # accumulator 128 registers a thread at 128 x 128) or ws.COOP (each consumer half the K rows).
-# Shared memory STAGES * (BLOCK_K + BLOCK_N) * BLOCK_R * 2 bytes, at most 227 KiB.
+# Shared memory STAGES * (BLOCK_K + BLOCK_N) * BLOCK_R * 2 bytes, plus 2 * SUB_K * BLOCK_N * 2
+# for a 16-bit C's epilogue tiles, at most 227 KiB.
 # The session 12 sweep (docs/benchmarks.md; tools/sweep_gemm_configs.py WS_WGRAD_SWEEP) found
 # the cooperative tiles 1-5% slower than the ping-pong 128 x 128 x 64 in five stages at every
 # wgrad of (8, 768, 2048) and (8, 2048, 5632) on the H200: one stays, for the autotuner to
@@ -81,8 +94,8 @@ if ws.gluon is not None:
                         BLOCK_R: gl.constexpr, GROUP_K: gl.constexpr, STAGES: gl.constexpr,
                         CONSUMERS: gl.constexpr, PINGPONG: gl.constexpr, SUB_K: gl.constexpr):
         """Producer: every chunk of every tile of this program, in order, into the ring."""
-        a_desc, b_desc = descs
-        a_bufs, b_bufs = bufs
+        a_desc, b_desc, c_desc = descs
+        a_bufs, b_bufs, c_bufs = bufs
         ready, empty, turn = bars
         c_ptr, acc_ptr, off_ptr, K, N, E, stride_ce, stride_ck = scal
         num_k = gl.cdiv(K, BLOCK_K)
@@ -121,10 +134,14 @@ if ws.gluon is not None:
         """Consumer WHICH. Ping-pong: the program's local tiles WHICH, WHICH + 2, ...;
         cooperative (SUB_K < BLOCK_K): K rows [WHICH * SUB_K, (WHICH + 1) * SUB_K) of every
         tile. Accumulator from the addend (or zero), wgmma over the expert's chunks, then the
-        masked store of its rows."""
-        a_bufs, b_bufs = bufs
+        store of its rows (module docstring)."""
+        a_desc, b_desc, c_desc = descs
+        a_bufs, b_bufs, c_bufs = bufs
         ready, empty, turn = bars
         c_ptr, acc_ptr, off_ptr, K, N, E, stride_ce, stride_ck = scal
+        # C's descriptor is over C itself only when C is 16-bit (c_descriptor)
+        TMA_STORE: gl.constexpr = c_desc.dtype == c_ptr.dtype.element_ty
+        c_smem = c_bufs.index(WHICH)
         acc_layout: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
         A_SPLIT: gl.constexpr = BLOCK_K // SUB_K
@@ -141,8 +158,8 @@ if ws.gluon is not None:
             else:           # every tile: one consumer, or cooperative
                 mine = local >= 0
             if mine:
-                rk = (pid_k * BLOCK_K + WHICH * (BLOCK_K - SUB_K)   # COOP: this half's rows
-                      + gl.arange(0, SUB_K, layout=gl.SliceLayout(1, acc_layout)))
+                row0 = pid_k * BLOCK_K + WHICH * (BLOCK_K - SUB_K)   # COOP: this half's rows
+                rk = row0 + gl.arange(0, SUB_K, layout=gl.SliceLayout(1, acc_layout))
                 rn = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, acc_layout))
                 offs = e.to(gl.int64) * stride_ce + rk[:, None] * stride_ck + rn[None, :]
                 mask = (rk < K)[:, None] & (rn < N)[None, :]
@@ -174,19 +191,33 @@ if ws.gluon is not None:
                 acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
                 if chunks > 0:
                     mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES))
-                gl.store(c_ptr + offs, acc.to(c_ptr.dtype.element_ty), mask=mask)
+                out = acc.to(c_ptr.dtype.element_ty)
+                if TMA_STORE:
+                    if row0 + SUB_K <= K:     # rows inside this expert's dW
+                        tma.store_wait(0)     # this consumer's last store has left c_smem
+                        c_smem.store(out)
+                        fence_async_shared()
+                        _tma_store(c_desc, [(e * K + row0).to(gl.int32), pid_n * BLOCK_N],
+                                   c_smem)
+                    else:
+                        gl.store(c_ptr + offs, out, mask=mask)
+                else:
+                    gl.store(c_ptr + offs, out, mask=mask)
             else:               # the other consumer's tile: only its chunks move the ring
                 it += chunks
             local += 1
+        if TMA_STORE:
+            tma.store_wait(0)
 
     @gluon.jit
-    def _wgrad_ws_kernel(a_desc, b_desc, c_ptr, acc_ptr, off_ptr, K, N, E, stride_ce,
+    def _wgrad_ws_kernel(a_desc, b_desc, c_desc, c_ptr, acc_ptr, off_ptr, K, N, E, stride_ce,
                          stride_ck, K_BUCKET, ACCUMULATE: gl.constexpr, BLOCK_K: gl.constexpr,
                          BLOCK_N: gl.constexpr, BLOCK_R: gl.constexpr, GROUP_K: gl.constexpr,
                          STAGES: gl.constexpr, MMA_REGS: gl.constexpr, LOAD_REGS: gl.constexpr,
                          CONSUMERS: gl.constexpr, PINGPONG: gl.constexpr, SUB_K: gl.constexpr):
         """C[e] = (ACC[e] +) A[rows_e]^T @ B[rows_e]: A [P, K], B [P, N], C and ACC [E, K, N]
-        of the same strides (ACC fp32; ACC may be C itself). CONSUMERS: consumer warpgroups
+        of the same strides (ACC fp32; ACC may be C itself); c_desc: C as [E * K, N] when C
+        is 16-bit, else a placeholder of another dtype (pointer stores only). CONSUMERS: consumer warpgroups
         (1 or 2); PINGPONG: they take alternate tiles, else (2, cooperative) each takes
         SUB_K = BLOCK_K / 2 rows of every tile."""
         a_bufs = gl.allocate_shared_memory(a_desc.dtype,
@@ -194,9 +225,11 @@ if ws.gluon is not None:
                                            a_desc.layout)
         b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES, BLOCK_R, BLOCK_N],
                                            b_desc.layout)
+        c_bufs = gl.allocate_shared_memory(   # one epilogue tile per consumer
+            c_desc.dtype, [2, c_desc.block_shape[0], c_desc.block_shape[1]], c_desc.layout)
         ready, empty, turn = ws.ring_barriers(STAGES, 2 if SUB_K < BLOCK_K else 1)
-        descs = (a_desc, b_desc)
-        bufs = (a_bufs, b_bufs)
+        descs = (a_desc, b_desc, c_desc)
+        bufs = (a_bufs, b_bufs, c_bufs)
         bars = (ready, empty, turn)
         scal = (c_ptr, acc_ptr, off_ptr, K, N, E, stride_ce, stride_ck)
         if CONSUMERS == 2:
@@ -221,6 +254,26 @@ def _size_blocks(nargs):
     bn, br = nargs["BLOCK_N"], nargs["BLOCK_R"]
     ws._set_block(nargs["a_desc"], (br, nargs["SUB_K"]))   # one box per consumer's half
     ws._set_block(nargs["b_desc"], (br, bn))
+    if nargs["c_desc"].base.dtype == nargs["c_ptr"].dtype:    # C itself: a consumer's tile
+        ws._set_block(nargs["c_desc"], (nargs["SUB_K"], bn))
+    else:                                                     # the placeholder: smallest box
+        ws._set_block(nargs["c_desc"], PLACEHOLDER_BOX)
+
+
+PLACEHOLDER_BOX = (8, 64)
+_PLACEHOLDERS: dict = {}
+
+
+def c_descriptor(c: torch.Tensor):
+    """The kernel's c_desc: a TMA descriptor over c [E, K, N] as [E * K, N] when c is 16-bit
+    and contiguous (its tiles leave by TMA store), else over a small placeholder in bf16
+    (a dtype other than c's: the kernel then stores by pointer only)."""
+    if c.element_size() == 2 and c.is_contiguous():
+        return ws._desc(c.view(-1, c.shape[2]))
+    dev = c.device
+    if dev not in _PLACEHOLDERS:
+        _PLACEHOLDERS[dev] = torch.empty(PLACEHOLDER_BOX, dtype=torch.bfloat16, device=dev)
+    return ws._desc(_PLACEHOLDERS[dev])
 
 
 def config(bk, bn, br, stages, consumers=2, group=8):
@@ -252,7 +305,7 @@ def launch_wgrad_ws(a, dy, c, offsets, acc_in, k_bucket, num_programs, cfg=None)
     gather), acc_in fp32 [E, K, N] of c's strides or None (c itself: in place); returns c.
     cfg: a fixed `config(...)` instead of the autotuner."""
     e, k, n = c.shape
-    a_desc, b_desc = ws._desc(a), ws._desc(dy)
+    a_desc, b_desc, c_desc = ws._desc(a), ws._desc(dy), c_descriptor(c)
 
     def grid(meta):   # persistent: at most one program per SM
         return (min(num_programs, e * triton.cdiv(k, meta["BLOCK_K"])
@@ -261,7 +314,7 @@ def launch_wgrad_ws(a, dy, c, offsets, acc_in, k_bucket, num_programs, cfg=None)
     kernel, extra = _tuned, {}
     if cfg is not None:
         kernel, extra = _wgrad_ws_kernel, dict(cfg.all_kwargs())
-        _size_blocks(dict(extra, a_desc=a_desc, b_desc=b_desc))
-    kernel[grid](a_desc, b_desc, c, c if acc_in is None else acc_in, offsets, k, n, e,
+        _size_blocks(dict(extra, a_desc=a_desc, b_desc=b_desc, c_desc=c_desc, c_ptr=c))
+    kernel[grid](a_desc, b_desc, c_desc, c, c if acc_in is None else acc_in, offsets, k, n, e,
                  c.stride(0), c.stride(1), k_bucket, ACCUMULATE=acc_in is not None, **extra)
     return c
