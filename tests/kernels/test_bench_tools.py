@@ -61,3 +61,22 @@ def test_irl_hard_mode_check_refuses_a_disagreeing_hard_mode(device, monkeypatch
 def test_probe_hard_mode_smoke():
     (res,) = probe_hard_mode.main(["--smoke"])
     assert set(res["wall_ms"]) == {"soft", "hard"} and set(res["kernel_sum_us"]) == {"soft", "hard"}
+
+
+def test_wgrad_pairs_sweep_smoke(device, monkeypatch):
+    """`--parts wgradpairs`: every config that runs is ranked by its speed against
+    grouped_mm in the same rounds (grouped_mm itself exactly 1), one that cannot run is left
+    out, and an unknown GEMM is refused before anything runs."""
+    from tools import sweep_gemm_configs as sweeps
+    monkeypatch.setattr(bgg, "DEV", device)
+    monkeypatch.setattr(sweeps, "bench", bgg)
+    with pytest.raises(ValueError, match="unknown GEMMs \\['w13_fwd'\\]"):
+        sweeps.sweep_wgrad_pairs((2, 32, 48), 64, ["w13_fwd"], on_gpu=False)
+    good, bad = (16, 16, 16, 4, 1, 1), (16, 16, 24, 4, 1, 1)   # 24 rows a step: no arange
+    (row,) = sweeps.sweep_wgrad_pairs((2, 32, 48), 64, ["w2_wgrad"], reps=2,
+                                      on_gpu=device == "cuda", tma_configs=[good, bad],
+                                      ws_configs=[])
+    speed = {label: r for r, _, label in row["top"]}
+    assert set(speed) == {"grouped_mm", "autotuned", f"tma{good}"}
+    assert speed["grouped_mm"] == 1.0 and all(r > 0 for r in speed.values())
+    assert [r for r, _, _ in row["top"]] == sorted(speed.values(), reverse=True)
