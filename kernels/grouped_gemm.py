@@ -442,7 +442,8 @@ def _wgrad_hopper(a, dy, c, offsets, acc_in, k_bucket):
         return fn
 
     key = ("wgrad", c.shape, k_bucket, acc_in is not None, c.dtype, a.dtype, a.device)
-    return run(ws.choose(key, timed(True), timed(False)), c)
+    return run(ws.choose(key, timed(True), timed(False),
+                         mode=None if wsw.MODE == "auto" else wsw.MODE), c)
 
 
 def launch_wgrad(a, dy, offsets, gather_index=None, accumulate_into=None, out_dtype=None,

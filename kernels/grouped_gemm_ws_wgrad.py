@@ -42,9 +42,16 @@ tools/compile_sm90.py.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from kernels import grouped_gemm_ws as ws
+
+# "auto": grouped_gemm.launch_wgrad times this kernel against the TMA wgrad kernel once per
+# key and keeps the faster (grouped_gemm_ws.choose); "on" / "off" decide outright. Under
+# MOC_GMM_WS=off neither warp-specialized kernel runs.
+MODE = os.environ.get("MOC_GMM_WS_WGRAD", "auto")
 
 if ws.gluon is not None:
     import triton
