@@ -224,9 +224,9 @@ if ws.gluon is not None:
                          CONSUMERS: gl.constexpr, PINGPONG: gl.constexpr, SUB_K: gl.constexpr):
         """C[e] = (ACC[e] +) A[rows_e]^T @ B[rows_e]: A [P, K], B [P, N], C and ACC [E, K, N]
         of the same strides (ACC fp32; ACC may be C itself); c_desc: C as [E * K, N] when C
-        is 16-bit, else a placeholder of another dtype (pointer stores only). CONSUMERS: consumer warpgroups
-        (1 or 2); PINGPONG: they take alternate tiles, else (2, cooperative) each takes
-        SUB_K = BLOCK_K / 2 rows of every tile."""
+        is 16-bit and contiguous, else a placeholder of another dtype (pointer stores only).
+        CONSUMERS: consumer warpgroups (1 or 2); PINGPONG: they take alternate tiles, else
+        (2, cooperative) each takes SUB_K = BLOCK_K / 2 rows of every tile."""
         a_bufs = gl.allocate_shared_memory(a_desc.dtype,
                                            [STAGES * (BLOCK_K // SUB_K), BLOCK_R, SUB_K],
                                            a_desc.layout)
@@ -273,14 +273,15 @@ _PLACEHOLDERS: dict = {}
 
 def c_descriptor(c: torch.Tensor):
     """The kernel's c_desc: a TMA descriptor over c [E, K, N] as [E * K, N] when c is 16-bit
-    and contiguous (its tiles leave by TMA store), else over a small placeholder in bf16
-    (a dtype other than c's: the kernel then stores by pointer only)."""
+    and contiguous (its tiles leave by TMA store), else over a small placeholder of another
+    16-bit dtype than c's (the kernel then stores by pointer only)."""
     if c.element_size() == 2 and c.is_contiguous():
         return ws._desc(c.view(-1, c.shape[2]))
-    dev = c.device
-    if dev not in _PLACEHOLDERS:
-        _PLACEHOLDERS[dev] = torch.empty(PLACEHOLDER_BOX, dtype=torch.bfloat16, device=dev)
-    return ws._desc(_PLACEHOLDERS[dev])
+    dtype = torch.float16 if c.dtype == torch.bfloat16 else torch.bfloat16
+    if (c.device, dtype) not in _PLACEHOLDERS:
+        _PLACEHOLDERS[c.device, dtype] = torch.empty(PLACEHOLDER_BOX, dtype=dtype,
+                                                     device=c.device)
+    return ws._desc(_PLACEHOLDERS[c.device, dtype])
 
 
 def config(bk, bn, br, stages, consumers=2, group=8):

@@ -122,8 +122,8 @@ def compile_wgrad_ws(accumulate: bool, cfg: tuple, e=8, k=768, n=2048, p=4096) -
     descs = dict(a_desc=ws._desc(a), b_desc=ws._desc(dy), c_desc=wsw.c_descriptor(c))
     wsw._size_blocks(dict(kw, c_ptr=c, **descs))
     kernel = wsw._wgrad_ws_kernel.warmup(
-        descs["a_desc"], descs["b_desc"], descs["c_desc"], c, c, offsets, k, n, e, c.stride(0), c.stride(1), p,
-        ACCUMULATE=accumulate, grid=(1,), **kw)
+        descs["a_desc"], descs["b_desc"], descs["c_desc"], c, c, offsets, k, n, e, c.stride(0),
+        c.stride(1), p, ACCUMULATE=accumulate, grid=(1,), **kw)
     return dict(_usage(kernel.asm["cubin"]), smem=kernel.metadata.shared, ptx=kernel.asm["ptx"])
 
 

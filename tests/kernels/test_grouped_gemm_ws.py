@@ -271,3 +271,27 @@ def test_every_sweep_entry_is_a_config():
         assert wsw.config(*cfg).kwargs["GROUP_K"] == (cfg[5] if len(cfg) > 5 else 8)
     with pytest.raises(ValueError, match="unknown GEMMs \\['w3_fwd'\\]"):
         sweeps.sweep_ws((2, 64, 64), 64, 1, ["w13_fwd", "w3_fwd"])
+
+
+def test_wgrad_c_descriptor_is_over_c_only_when_it_can_take_a_tma_store():
+    """The WS wgrad stores by TMA exactly when its c_desc has C's dtype: a contiguous 16-bit
+    C gets a descriptor over itself (boxes of one consumer's tile); an fp32 C, or a 16-bit
+    one that is not contiguous, gets a placeholder of another dtype (the smallest box), so
+    the kernel stores by pointer and never writes through it (CPU)."""
+    from kernels import grouped_gemm_ws_wgrad as wsw
+    if ws.gluon is None:
+        pytest.skip("this Triton has no Gluon")
+    cfg = dict(wsw.config(128, 256, 64, 3, ws.COOP).all_kwargs())
+    bf = torch.empty(4, 192, 320, dtype=torch.bfloat16)
+    cases = [(bf, torch.bfloat16, [4 * 192, 320], [64, 256]),
+             (bf.float(), torch.bfloat16, list(wsw.PLACEHOLDER_BOX), list(wsw.PLACEHOLDER_BOX)),
+             (bf.transpose(1, 2), torch.float16, list(wsw.PLACEHOLDER_BOX),
+              list(wsw.PLACEHOLDER_BOX))]
+    for c, dtype, shape, box in cases:
+        desc = wsw.c_descriptor(c)
+        assert desc.base.dtype == dtype and list(desc.shape) == shape
+        wsw._size_blocks(dict(cfg, a_desc=ws._desc(torch.empty(64, 192, dtype=torch.bfloat16)),
+                              b_desc=ws._desc(torch.empty(64, 320, dtype=torch.bfloat16)),
+                              c_desc=desc, c_ptr=c))
+        assert list(desc.block_shape) == box
+        assert (desc.base.dtype == c.dtype) == (c.dtype == torch.bfloat16 and c.is_contiguous())
