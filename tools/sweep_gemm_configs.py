@@ -156,6 +156,7 @@ def sweep_ws(shape, p, rep, gemms=None):
 # GROUP_M: dW row tiles that share their dY chunks in L2. At (8, 2048, 5632)'s W13 wgrad a
 # wave of 132 tiles spans 8 of the 16 row tiles at GROUP_M 8, so each expert's dY (92 MB,
 # more than the 50 MB L2) is read from DRAM twice; at 16 once, for ~22% fewer DRAM bytes.
+# Measured (session 23, H100): it made no difference there; the gap was the epilogue.
 TMA_WGRAD_PAIRS = ([(bk, bn, 64, 8, s, g) for bk, bn in ((128, 256), (256, 128))
                     for s in (3, 4) for g in (8, 16, 32)]
                    + [(128, 128, 64, 4, s, g) for s in (2, 3) for g in (8, 16)])
