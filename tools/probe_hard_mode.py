@@ -37,9 +37,12 @@ def short_name(name: str) -> str:
     return name.split("::")[-1][:60]
 
 
-def kernel_times(run, iters, host_table=False):
+def kernel_times(run, iters, host_table=False, sequence=None):
     """{kernel: (calls per iter, us per iter)} from torch.profiler over `iters` calls;
-    host_table: also print the host-side ops by self CPU time (syncs, copies, launches)."""
+    host_table: also print the host-side ops by self CPU time (syncs, copies, launches);
+    sequence: a list that gets one iteration's kernels in launch order as (name, us averaged
+    over the iterations), so two launches of one kernel (an S-step's fp32 wgrad and the
+    other step's) show apart."""
     from torch.profiler import ProfilerActivity, profile
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if bgg.DEV == "cuda" else [])
     with profile(activities=acts) as prof:
@@ -50,11 +53,19 @@ def kernel_times(run, iters, host_table=False):
     if host_table:
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15), flush=True)
     agg = collections.defaultdict(lambda: [0, 0.0])
+    kernels = []
     for ev in prof.events():
         if bgg.DEV == "cuda" and ev.device_type == torch.autograd.DeviceType.CUDA:
+            us = ev.device_time_total if hasattr(ev, "device_time_total") else ev.cuda_time
             a = agg[short_name(ev.name)]
             a[0] += 1
-            a[1] += ev.device_time_total if hasattr(ev, "device_time_total") else ev.cuda_time
+            a[1] += us
+            kernels.append((ev.time_range.start, short_name(ev.name), us))
+    if sequence is not None and kernels and len(kernels) % iters == 0:
+        kernels.sort()
+        n = len(kernels) // iters
+        for i in range(n):
+            sequence.append((kernels[i][1], sum(k[2] for k in kernels[i::n]) / iters))
     return {k: (c / iters, us / iters) for k, (c, us) in agg.items()}
 
 
@@ -74,7 +85,12 @@ def probe(shape, p, iters, eager=False):
         else:
             run = lambda: step2(mode)         # noqa: E731 (the smoke run: eager, CPU)
             wall[mode] = bgg.bench(run)
-        res[mode] = kernel_times(run, iters, host_table=eager)
+        seq = []
+        res[mode] = kernel_times(run, iters, host_table=eager, sequence=seq)
+        if seq:
+            print(f"\n{mode} {shape}: one fwd+bwd's kernels in launch order (us)")
+            for name, us in seq:
+                print(f"  {us:8.1f}  {name}")
     how = "eager" if eager else "graph replay"
     table = side_by_side(res, f"\nshape {shape}, {p} rows: GPU us per fwd+bwd ({how} wall: "
                               f"soft {wall['soft'] * 1e3:.0f} us, hard {wall['hard'] * 1e3:.0f} us)")
