@@ -141,6 +141,16 @@ def torch_wgrad(a, dy, offsets, gather_index=None, accumulate_into=None, out_dty
     return dw.to(out_dtype or a.dtype)
 
 
+def wgrad_pair_composite(wgrad, a, dy, offsets, gather_index, second, accumulate_into=None,
+                         out_dtype=None):
+    """The sum of two row segments' weight gradients (grouped_gemm.launch_wgrad_pair's
+    contract) from two calls of a `wgrad` primitive: the second segment's dW in fp32 (added
+    to accumulate_into, which is left as it was), then the first's added to it and cast."""
+    a2, dy2, offsets2 = second
+    part = wgrad(a2, dy2, offsets2, None, accumulate_into, torch.float32, out_of_place=True)
+    return wgrad(a, dy, offsets, gather_index, part, out_dtype)
+
+
 class TorchPrimitives:
     """The four primitives on plain torch (grouped_mm, else a loop)."""
 
@@ -163,3 +173,8 @@ class TorchPrimitives:
               out_of_place=False):
         return torch_wgrad(a, dy, offsets, gather_index, accumulate_into, out_dtype,
                            self.use_grouped_mm, out_of_place=out_of_place)
+
+    def wgrad_pair(self, a, dy, offsets, gather_index, second, accumulate_into=None,
+                   out_dtype=None):
+        return wgrad_pair_composite(self.wgrad, a, dy, offsets, gather_index, second,
+                                    accumulate_into, out_dtype)

@@ -39,13 +39,15 @@ idle programs return at once.
 from __future__ import annotations
 
 import threading
+from types import SimpleNamespace
 
 import torch
 
 from kernels import grouped_gemm_tma as tma
 from kernels import grouped_gemm_ws as ws
 from kernels import grouped_gemm_ws_wgrad as wsw
-from kernels.gmm_backend import TorchPrimitives, _interpreting, resolve_backend
+from kernels.gmm_backend import (TorchPrimitives, _interpreting, resolve_backend,
+                                 wgrad_pair_composite)
 from kernels.swiglu import launch_swiglu_bwd
 
 try:
@@ -489,8 +491,56 @@ def launch_wgrad(a, dy, offsets, gather_index=None, accumulate_into=None, out_dt
     return c
 
 
+def pair_fused(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether launch_wgrad_pair runs as one fused pass for 16-bit operands of this device
+    and dtype (sm90; TMA-aligned operands, else it falls back to two launches)."""
+    like = SimpleNamespace(device=torch.device(device), dtype=dtype)   # all ws.available reads
+    return ws.available(like) and wsw.MODE != "off" and tma.MODE != "off"
+
+
+def launch_wgrad_pair(a, dy, offsets, gather_index, second, accumulate_into=None,
+                      out_dtype=None):
+    """dW [E, K, N] = (accumulate_into +) A[rows_e]^T dY[rows_e] + A2[rows2_e]^T dY2[rows2_e]:
+    two segments of rows (two IRL steps' operands, kernels/expert_mlp_op.py) summed in one fp32
+    accumulator. second: (a2 [P2, K], dy2 [P2, N], offsets2 [E+1]), compact; accumulate_into:
+    fp32 [E, K, N] or None, left as it was; the sum is returned in out_dtype (a's by default).
+    On sm90 one pass of the warp-specialized wgrad over both segments' rows: no fp32 partial
+    sum written and read back, one epilogue per tile (the measured gain: docs/benchmarks.md,
+    session 24). Elsewhere, or under MOC_GMM_WS_WGRAD=off, two launch_wgrad calls
+    (gmm_backend.wgrad_pair_composite)."""
+    a2, dy2, offsets2 = second
+    e, k, n = offsets.shape[0] - 1, a.shape[1], dy.shape[1]
+    if (a2.dim() != 2 or dy2.dim() != 2 or a2.shape[1] != k or dy2.shape[1] != n
+            or a2.shape[0] != dy2.shape[0] or (a2.dtype, dy2.dtype) != (a.dtype, a.dtype)):
+        raise ValueError(f"second: a2 [P2, {k}] and dy2 [P2, {n}] in {a.dtype} expected, got "
+                         f"{a2.dtype} {tuple(a2.shape)} and {dy2.dtype} {tuple(dy2.shape)}")
+    if offsets2.shape != offsets.shape:
+        raise ValueError(f"second: offsets2 must be [{e + 1}] like offsets, got "
+                         f"{tuple(offsets2.shape)}")
+    fused = pair_fused(a.device, a.dtype) and tma.tma_ok(a, dy, a2, dy2)
+    if not fused:
+        return wgrad_pair_composite(launch_wgrad, a, dy, offsets, gather_index, second,
+                                    accumulate_into, out_dtype)
+    if accumulate_into is not None and (accumulate_into.dtype != torch.float32
+                                        or accumulate_into.shape != (e, k, n)
+                                        or not accumulate_into.is_contiguous()):
+        raise ValueError(f"accumulate_into must be contiguous fp32 [{e}, {k}, {n}], got "
+                         f"{accumulate_into.dtype} {tuple(accumulate_into.shape)}")
+    if dy.shape[0] != _rows(a, gather_index) or dy.dtype != a.dtype:
+        raise ValueError(f"dy must be [P, N] in {a.dtype}, got {dy.dtype} {tuple(dy.shape)}")
+    _check(a, dy.new_empty(e, k, 0), offsets, gather_index, k)
+    _check(a2, dy2.new_empty(e, k, 0), offsets2, None, k)
+    if gather_index is not None:   # as launch_wgrad: a compact copy beats a gathered wgrad
+        a = a.index_select(0, gather_index)
+    a, dy, a2, dy2 = _unit_k(a), _unit_k(dy), _unit_k(a2), _unit_k(dy2)
+    c = torch.empty(e, k, n, dtype=out_dtype or a.dtype, device=a.device)
+    k_bucket = _p_bucket((dy.shape[0] + dy2.shape[0]) // max(e, 1))
+    return wsw.launch_wgrad_ws(a, dy, c, offsets, accumulate_into, k_bucket,
+                               tma.num_programs(a.device), second=(a2, dy2, offsets2))
+
+
 class TritonPrimitives:
-    """The four primitives on the Triton kernels (same contracts as TorchPrimitives)."""
+    """The primitives on the Triton kernels (same contracts as TorchPrimitives)."""
     gmm = staticmethod(launch_gmm)
     gmm_swiglu = staticmethod(launch_gmm_swiglu)
     gmm_swiglu_bwd = staticmethod(launch_gmm_swiglu_bwd)
@@ -500,6 +550,9 @@ class TritonPrimitives:
               out_of_place=False):
         return launch_wgrad(a, dy, offsets, gather_index, accumulate_into, out_dtype,
                             out_of_place=out_of_place)
+
+    wgrad_pair = staticmethod(launch_wgrad_pair)
+    pair_fused = staticmethod(pair_fused)
 
 
 def primitives(backend: str | None, x: torch.Tensor):

@@ -96,15 +96,15 @@ if ws.gluon is not None:
         return e, start, end, chunks, pid_k, pid_n
 
     @gluon.jit
-    def _load_partition(descs, bufs, bars, scal, WHICH: gl.constexpr,
+    def _load_partition(descs, bufs, bars, scal, WHICH: gl.constexpr, TWO: gl.constexpr,
                         ACCUMULATE: gl.constexpr, BLOCK_K: gl.constexpr, BLOCK_N: gl.constexpr,
                         BLOCK_R: gl.constexpr, GROUP_K: gl.constexpr, STAGES: gl.constexpr,
                         CONSUMERS: gl.constexpr, PINGPONG: gl.constexpr, SUB_K: gl.constexpr):
         """Producer: every chunk of every tile of this program, in order, into the ring."""
-        a_desc, b_desc, c_desc = descs
+        a_desc, b_desc, c_desc, a2_desc, b2_desc = descs
         a_bufs, b_bufs, c_bufs = bufs
         ready, empty, turn = bars
-        c_ptr, acc_ptr, off_ptr, K, N, E, stride_ce, stride_ck = scal
+        c_ptr, acc_ptr, off_ptr, off2_ptr, K, N, E, stride_ce, stride_ck = scal
         num_k = gl.cdiv(K, BLOCK_K)
         num_n = gl.cdiv(N, BLOCK_N)
         A_SPLIT: gl.constexpr = BLOCK_K // SUB_K     # A boxes per slot: 2 cooperative
@@ -113,17 +113,46 @@ if ws.gluon is not None:
         for tile in range(gl.program_id(0), E * num_k * num_n, gl.num_programs(0)):
             e, start, end, chunks, pid_k, pid_n = _tile_of(tile, num_k, num_n, off_ptr,
                                                            BLOCK_R, GROUP_K)
-            for c in range(chunks):
+            start2, end2, chunks2 = _second_segment(off2_ptr, e, BLOCK_R, TWO)
+            for c in range(chunks + chunks2):
                 s = it % STAGES
                 mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)
                 bar = ready.index(s)
                 mbarrier.expect(bar, nbytes)
-                r = (start + c * BLOCK_R).to(gl.int32)
-                for h in gl.static_range(A_SPLIT):
-                    _tma_load(a_desc, [r, pid_k * BLOCK_K + h * SUB_K], bar,
-                              a_bufs.index(A_SPLIT * s + h))
-                _tma_load(b_desc, [r, pid_n * BLOCK_N], bar, b_bufs.index(s))
+                col_k = pid_k * BLOCK_K
+                col_n = pid_n * BLOCK_N
+                if TWO:
+                    if c >= chunks:    # the second segment's chunks, after the first's
+                        _load_chunk(a2_desc, b2_desc,
+                                    (start2 + (c - chunks) * BLOCK_R).to(gl.int32), col_k,
+                                    col_n, bar, a_bufs, b_bufs, s, A_SPLIT, SUB_K)
+                    else:
+                        _load_chunk(a_desc, b_desc, (start + c * BLOCK_R).to(gl.int32), col_k,
+                                    col_n, bar, a_bufs, b_bufs, s, A_SPLIT, SUB_K)
+                else:
+                    _load_chunk(a_desc, b_desc, (start + c * BLOCK_R).to(gl.int32), col_k,
+                                col_n, bar, a_bufs, b_bufs, s, A_SPLIT, SUB_K)
                 it += 1
+
+    @gluon.jit
+    def _load_chunk(a_desc, b_desc, r, col_k, col_n, bar, a_bufs, b_bufs, s,
+                    A_SPLIT: gl.constexpr, SUB_K: gl.constexpr):
+        """One ring slot: A rows [r, r + BLOCK_R) of columns col_k.. (A_SPLIT boxes) and the
+        same rows of dY from column col_n, all arriving on `bar`."""
+        for h in gl.static_range(A_SPLIT):
+            _tma_load(a_desc, [r, col_k + h * SUB_K], bar, a_bufs.index(A_SPLIT * s + h))
+        _tma_load(b_desc, [r, col_n], bar, b_bufs.index(s))
+
+    @gluon.jit
+    def _second_segment(off2_ptr, e, BLOCK_R: gl.constexpr, TWO: gl.constexpr):
+        """(first row, end row, chunk count) of expert e in the second segment's rows, or an
+        empty segment without TWO."""
+        if TWO:
+            start2 = gl.load(off2_ptr + e)
+            end2 = gl.load(off2_ptr + e + 1)
+            return start2, end2, ((end2 - start2 + BLOCK_R - 1) // BLOCK_R).to(gl.int32)
+        else:
+            return 0, 0, 0
 
     @gluon.jit
     def _zero_rows_from(buf, keep, ROWS: gl.constexpr, COLS: gl.constexpr):
@@ -134,7 +163,7 @@ if ws.gluon is not None:
         buf.store(gl.where((rows < keep)[:, None], v, gl.zeros_like(v)))
 
     @gluon.jit
-    def _mma_partition(descs, bufs, bars, scal, WHICH: gl.constexpr,
+    def _mma_partition(descs, bufs, bars, scal, WHICH: gl.constexpr, TWO: gl.constexpr,
                        ACCUMULATE: gl.constexpr, BLOCK_K: gl.constexpr, BLOCK_N: gl.constexpr,
                        BLOCK_R: gl.constexpr, GROUP_K: gl.constexpr, STAGES: gl.constexpr,
                        CONSUMERS: gl.constexpr, PINGPONG: gl.constexpr, SUB_K: gl.constexpr):
@@ -142,10 +171,10 @@ if ws.gluon is not None:
         cooperative (SUB_K < BLOCK_K): K rows [WHICH * SUB_K, (WHICH + 1) * SUB_K) of every
         tile. Accumulator from the addend (or zero), wgmma over the expert's chunks, then the
         store of its rows (module docstring)."""
-        a_desc, b_desc, c_desc = descs
+        a_desc, b_desc, c_desc, a2_desc, b2_desc = descs
         a_bufs, b_bufs, c_bufs = bufs
         ready, empty, turn = bars
-        c_ptr, acc_ptr, off_ptr, K, N, E, stride_ce, stride_ck = scal
+        c_ptr, acc_ptr, off_ptr, off2_ptr, K, N, E, stride_ce, stride_ck = scal
         # C's descriptor is over C itself only when C is 16-bit (c_descriptor)
         TMA_STORE: gl.constexpr = c_desc.dtype == c_ptr.dtype.element_ty
         c_smem = c_bufs.index(WHICH)
@@ -160,6 +189,7 @@ if ws.gluon is not None:
         for tile in range(gl.program_id(0), E * num_k * num_n, nprog):
             e, start, end, chunks, pid_k, pid_n = _tile_of(tile, num_k, num_n, off_ptr,
                                                            BLOCK_R, GROUP_K)
+            start2, end2, chunks2 = _second_segment(off2_ptr, e, BLOCK_R, TWO)
             if PINGPONG:
                 mine = local % 2 == WHICH
             else:           # every tile: one consumer, or cooperative
@@ -178,11 +208,14 @@ if ws.gluon is not None:
                     # Main loops alternate (the forward kernel's order barrier; it also keeps
                     # the ring's parity waits sound).
                     mbarrier.wait(turn.index(WHICH), ((local // 2) & 1) ^ (1 - WHICH))
-                for c in range(chunks):
+                for c in range(chunks + chunks2):
                     s = it % STAGES
                     mbarrier.wait(ready.index(s), (it // STAGES) & 1)
                     a = a_bufs.index(A_SPLIT * s + WHICH * (A_SPLIT - 1))   # this half
-                    keep = end - (start + c * BLOCK_R)
+                    keep = end - (start + c * BLOCK_R)     # rows of this chunk in its segment
+                    if TWO:
+                        if c >= chunks:
+                            keep = end2 - (start2 + (c - chunks) * BLOCK_R)
                     if keep < BLOCK_R:   # the expert's last, partial chunk
                         _zero_rows_from(a, keep, BLOCK_R, SUB_K)
                         # COOP: the other consumer may be zeroing it too (the same values)
@@ -196,7 +229,7 @@ if ws.gluon is not None:
                 if PINGPONG:
                     mbarrier.arrive(turn.index(1 - WHICH))
                 acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-                if chunks > 0:
+                if chunks + chunks2 > 0:
                     mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES))
                 out = acc.to(c_ptr.dtype.element_ty)
                 if TMA_STORE:
@@ -211,18 +244,21 @@ if ws.gluon is not None:
                 else:
                     gl.store(c_ptr + offs, out, mask=mask)
             else:               # the other consumer's tile: only its chunks move the ring
-                it += chunks
+                it += chunks + chunks2
             local += 1
         if TMA_STORE:
             tma.store_wait(0)
 
     @gluon.jit
-    def _wgrad_ws_kernel(a_desc, b_desc, c_desc, c_ptr, acc_ptr, off_ptr, K, N, E, stride_ce,
-                         stride_ck, K_BUCKET, ACCUMULATE: gl.constexpr, BLOCK_K: gl.constexpr,
+    def _wgrad_ws_kernel(a_desc, b_desc, c_desc, a2_desc, b2_desc, c_ptr, acc_ptr, off_ptr,
+                         off2_ptr, K, N, E, stride_ce, stride_ck, K_BUCKET, TWO: gl.constexpr,
+                         ACCUMULATE: gl.constexpr, BLOCK_K: gl.constexpr,
                          BLOCK_N: gl.constexpr, BLOCK_R: gl.constexpr, GROUP_K: gl.constexpr,
                          STAGES: gl.constexpr, MMA_REGS: gl.constexpr, LOAD_REGS: gl.constexpr,
                          CONSUMERS: gl.constexpr, PINGPONG: gl.constexpr, SUB_K: gl.constexpr):
-        """C[e] = (ACC[e] +) A[rows_e]^T @ B[rows_e]: A [P, K], B [P, N], C and ACC [E, K, N]
+        """C[e] = (ACC[e] +) A[rows_e]^T @ B[rows_e] (+ A2[rows2_e]^T @ B2[rows2_e] with TWO):
+        A [P, K], B [P, N], rows_e = off[e]:off[e+1] (A2 [P2, K], B2 [P2, N], rows2_e by off2;
+        without TWO, a2_desc / b2_desc / off2_ptr are not read), C and ACC [E, K, N]
         of the same strides (ACC fp32; ACC may be C itself); c_desc: C as [E * K, N] when C
         is 16-bit and contiguous, else a placeholder of another dtype (pointer stores only).
         CONSUMERS: consumer warpgroups (1 or 2); PINGPONG: they take alternate tiles, else
@@ -235,32 +271,33 @@ if ws.gluon is not None:
         c_bufs = gl.allocate_shared_memory(   # one epilogue tile per consumer
             c_desc.dtype, [2, c_desc.block_shape[0], c_desc.block_shape[1]], c_desc.layout)
         ready, empty, turn = ws.ring_barriers(STAGES, 2 if SUB_K < BLOCK_K else 1)
-        descs = (a_desc, b_desc, c_desc)
+        descs = (a_desc, b_desc, c_desc, a2_desc, b2_desc)
         bufs = (a_bufs, b_bufs, c_bufs)
         bars = (ready, empty, turn)
-        scal = (c_ptr, acc_ptr, off_ptr, K, N, E, stride_ce, stride_ck)
+        scal = (c_ptr, acc_ptr, off_ptr, off2_ptr, K, N, E, stride_ce, stride_ck)
         if CONSUMERS == 2:
             gl.warp_specialize([
-                (_mma_partition, (descs, bufs, bars, scal, 0, ACCUMULATE, BLOCK_K, BLOCK_N,
+                (_mma_partition, (descs, bufs, bars, scal, 0, TWO, ACCUMULATE, BLOCK_K, BLOCK_N,
                                   BLOCK_R, GROUP_K, STAGES, CONSUMERS, PINGPONG, SUB_K)),
-                (_mma_partition, (descs, bufs, bars, scal, 1, ACCUMULATE, BLOCK_K, BLOCK_N,
+                (_mma_partition, (descs, bufs, bars, scal, 1, TWO, ACCUMULATE, BLOCK_K, BLOCK_N,
                                   BLOCK_R, GROUP_K, STAGES, CONSUMERS, PINGPONG, SUB_K)),
-                (_load_partition, (descs, bufs, bars, scal, 0, ACCUMULATE, BLOCK_K, BLOCK_N,
+                (_load_partition, (descs, bufs, bars, scal, 0, TWO, ACCUMULATE, BLOCK_K, BLOCK_N,
                                    BLOCK_R, GROUP_K, STAGES, CONSUMERS, PINGPONG, SUB_K)),
             ], [4, 1], [MMA_REGS, LOAD_REGS])
         else:   # one consumer: producer / consumer only (no ping-pong)
             gl.warp_specialize([
-                (_mma_partition, (descs, bufs, bars, scal, 0, ACCUMULATE, BLOCK_K, BLOCK_N,
+                (_mma_partition, (descs, bufs, bars, scal, 0, TWO, ACCUMULATE, BLOCK_K, BLOCK_N,
                                   BLOCK_R, GROUP_K, STAGES, CONSUMERS, PINGPONG, SUB_K)),
-                (_load_partition, (descs, bufs, bars, scal, 0, ACCUMULATE, BLOCK_K, BLOCK_N,
+                (_load_partition, (descs, bufs, bars, scal, 0, TWO, ACCUMULATE, BLOCK_K, BLOCK_N,
                                    BLOCK_R, GROUP_K, STAGES, CONSUMERS, PINGPONG, SUB_K)),
             ], [1], [LOAD_REGS])
 
 
 def _size_blocks(nargs):
     bn, br = nargs["BLOCK_N"], nargs["BLOCK_R"]
-    ws._set_block(nargs["a_desc"], (br, nargs["SUB_K"]))   # one box per consumer's half
-    ws._set_block(nargs["b_desc"], (br, bn))
+    for a_name, b_name in (("a_desc", "b_desc"), ("a2_desc", "b2_desc")):
+        ws._set_block(nargs[a_name], (br, nargs["SUB_K"]))   # one box per consumer's half
+        ws._set_block(nargs[b_name], (br, bn))
     if nargs["c_desc"].base.dtype == nargs["c_ptr"].dtype:    # C itself: a consumer's tile
         ws._set_block(nargs["c_desc"], (nargs["SUB_K"], bn))
     else:                                                     # the placeholder: smallest box
@@ -303,17 +340,24 @@ def config(bk, bn, br, stages, consumers=2, group=8):
 
 if ws.gluon is not None:
     _tuned = triton.autotune([config(*c) for c in CONFIGS],
-                             key=["N", "K", "K_BUCKET", "ACCUMULATE"],
+                             key=["N", "K", "K_BUCKET", "TWO", "ACCUMULATE"],
                              restore_value=["c_ptr"],   # tuning runs must not add twice
                              do_bench=ws._bench)(_wgrad_ws_kernel)
 
 
-def launch_wgrad_ws(a, dy, c, offsets, acc_in, k_bucket, num_programs, cfg=None):
+def launch_wgrad_ws(a, dy, c, offsets, acc_in, k_bucket, num_programs, cfg=None,
+                    second=None):
     """c [E, K, N] = (acc_in +) per-expert a^T dy, a [P, K] and dy [P, N] compact (no
     gather), acc_in fp32 [E, K, N] of c's strides or None (c itself: in place); returns c.
-    cfg: a fixed `config(...)` instead of the autotuner."""
+    cfg: a fixed `config(...)` instead of the autotuner. second: (a2, dy2, offsets2), a
+    second segment of rows whose per-expert a2^T dy2 goes into the same accumulator, its
+    chunks after the first's (two S-steps' wgrads in one pass: grouped_gemm.launch_wgrad_pair)."""
     e, k, n = c.shape
     a_desc, b_desc, c_desc = ws._desc(a), ws._desc(dy), c_descriptor(c)
+    if second is None:
+        a2_desc, b2_desc, offsets2 = a_desc, b_desc, offsets
+    else:
+        a2_desc, b2_desc, offsets2 = ws._desc(second[0]), ws._desc(second[1]), second[2]
 
     def grid(meta):   # persistent: at most one program per SM
         return (min(num_programs, e * triton.cdiv(k, meta["BLOCK_K"])
@@ -322,7 +366,9 @@ def launch_wgrad_ws(a, dy, c, offsets, acc_in, k_bucket, num_programs, cfg=None)
     kernel, extra = _tuned, {}
     if cfg is not None:
         kernel, extra = _wgrad_ws_kernel, dict(cfg.all_kwargs())
-        _size_blocks(dict(extra, a_desc=a_desc, b_desc=b_desc, c_desc=c_desc, c_ptr=c))
-    kernel[grid](a_desc, b_desc, c_desc, c, c if acc_in is None else acc_in, offsets, k, n, e,
-                 c.stride(0), c.stride(1), k_bucket, ACCUMULATE=acc_in is not None, **extra)
+        _size_blocks(dict(extra, a_desc=a_desc, b_desc=b_desc, c_desc=c_desc, c_ptr=c,
+                          a2_desc=a2_desc, b2_desc=b2_desc))
+    kernel[grid](a_desc, b_desc, c_desc, a2_desc, b2_desc, c, c if acc_in is None else acc_in,
+                 offsets, offsets2, k, n, e, c.stride(0), c.stride(1), k_bucket,
+                 TWO=second is not None, ACCUMULATE=acc_in is not None, **extra)
     return c

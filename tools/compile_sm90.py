@@ -110,8 +110,10 @@ def compile_ws(epilogue: int, trans: bool, cfg: tuple, e=8, k=768, f=2048, p=409
     return dict(_usage(kernel.asm["cubin"]), smem=kernel.metadata.shared, ptx=kernel.asm["ptx"])
 
 
-def compile_wgrad_ws(accumulate: bool, cfg: tuple, e=8, k=768, n=2048, p=4096) -> dict:
-    """Compile one config of the WS wgrad kernel (kernels/grouped_gemm_ws_wgrad.py)."""
+def compile_wgrad_ws(accumulate: bool, cfg: tuple, e=8, k=768, n=2048, p=4096,
+                     two=False) -> dict:
+    """Compile one config of the WS wgrad kernel (kernels/grouped_gemm_ws_wgrad.py); two:
+    with a second segment of rows (launch_wgrad_pair)."""
     from kernels import grouped_gemm_ws as ws
     from kernels import grouped_gemm_ws_wgrad as wsw
     bf = torch.bfloat16
@@ -119,11 +121,13 @@ def compile_wgrad_ws(accumulate: bool, cfg: tuple, e=8, k=768, n=2048, p=4096) -
     c = torch.empty(e, k, n, dtype=torch.float32 if accumulate else bf)
     offsets = torch.zeros(e + 1, dtype=torch.int64)
     kw = dict(wsw.config(*cfg).all_kwargs())
-    descs = dict(a_desc=ws._desc(a), b_desc=ws._desc(dy), c_desc=wsw.c_descriptor(c))
+    descs = dict(a_desc=ws._desc(a), b_desc=ws._desc(dy), c_desc=wsw.c_descriptor(c),
+                 a2_desc=ws._desc(a), b2_desc=ws._desc(dy))
     wsw._size_blocks(dict(kw, c_ptr=c, **descs))
     kernel = wsw._wgrad_ws_kernel.warmup(
-        descs["a_desc"], descs["b_desc"], descs["c_desc"], c, c, offsets, k, n, e, c.stride(0),
-        c.stride(1), p, ACCUMULATE=accumulate, grid=(1,), **kw)
+        descs["a_desc"], descs["b_desc"], descs["c_desc"], descs["a2_desc"], descs["b2_desc"],
+        c, c, offsets, offsets, k, n, e, c.stride(0), c.stride(1), p, TWO=two,
+        ACCUMULATE=accumulate, grid=(1,), **kw)
     return dict(_usage(kernel.asm["cubin"]), smem=kernel.metadata.shared, ptx=kernel.asm["ptx"])
 
 
@@ -148,7 +152,9 @@ def main(argv=None) -> int:
             + [(f"epilogue 1 trans 0 {c}", compile_ws, (1, False, c)) for c in swiglu]
             + [(f"epilogue 2 trans 1 {c}", compile_ws, (2, True, c)) for c in swiglu_bwd]
             + [(f"wgrad accumulate {int(acc)} {c}", compile_wgrad_ws, (acc, c))
-               for c in wgrad for acc in (False, True)])
+               for c in wgrad for acc in (False, True)]
+            + [(f"wgrad pair accumulate {int(acc)} {c}", compile_wgrad_ws,
+                (acc, c, 8, 768, 2048, 4096, True)) for c in wgrad for acc in (False, True)])
     bad = 0
     print(f"triton {triton.__version__}, target sm90")
     for name, compile_one, job in jobs:

@@ -17,8 +17,8 @@ from tests.kernels.test_expert_mlp import CASES, grads, make, rel
 def test_op_inference_saves_nothing(device):
     x, w13, w2, _, offsets, gidx = make(*CASES[0], True, device)
     with torch.no_grad():
-        y, pre, h, link13, link2 = _fwd(x, w13, w2, offsets, gidx, "triton", False)
-    assert pre.numel() == 0 and h.numel() == 0 and link13.numel() == link2.numel() == 0
+        y, pre, h, *links = _fwd(x, w13, w2, offsets, gidx, "triton", False)
+    assert pre.numel() == 0 and h.numel() == 0 and all(t.numel() == 0 for t in links)
     assert rel(y, expert_swiglu_mlp_reference(x, w13, w2, offsets, gidx)) < 1e-5
 
 
@@ -26,18 +26,45 @@ def test_opcheck(device):
     x, w13, w2, dy, offsets, gidx = make(*CASES[2], True, device)
     torch.library.opcheck(_fwd, (x, w13, w2, offsets, gidx, "triton", True),
                           test_utils=("test_schema", "test_faketensor"))
-    y, pre, h, _, _ = _fwd(x, w13, w2, offsets, gidx, "triton", True)
+    y, pre, h, *_ = _fwd(x, w13, w2, offsets, gidx, "triton", True)
+    checks = ("test_schema", "test_faketensor")
     torch.library.opcheck(_bwd, (dy, x, w13, w2, offsets, gidx, pre, h, "triton"),
-                          test_utils=("test_schema", "test_faketensor"))
+                          test_utils=checks)
     # a chained step: links in and out; its backward adds fp32 sums without touching them
     links = (torch.zeros(w13.shape, device=device), torch.zeros(w2.shape, device=device))
-    torch.library.opcheck(_fwd, (x, w13, w2, offsets, gidx, "triton", True, *links, True),
-                          test_utils=("test_schema", "test_faketensor"))
+    for emit in (expert_mlp_op.SUM_LINKS, expert_mlp_op.OPERAND_LINKS):
+        torch.library.opcheck(_fwd, (x, w13, w2, offsets, gidx, "triton", True, *links, None,
+                                     None, None, emit), test_utils=checks)
     for final in (False, True):
         torch.library.opcheck(_bwd, (dy, x, w13, w2, offsets, gidx, pre, h, "triton",
                                      torch.randn(w13.shape, device=device),
                                      torch.randn(w2.shape, device=device), final),
-                              test_utils=("test_schema", "test_faketensor"))
+                              test_utils=checks)
+    # the chain's last step defers its wgrads; the step before takes its operands
+    torch.library.opcheck(_bwd, (dy, x, w13, w2, offsets, gidx, pre, h, "triton", None, None,
+                                 False, True, None, None, None, None, None, True),
+                          test_utils=checks)
+    xa = x.index_select(0, gidx)
+    nxt = (torch.randn_like(xa), torch.randn_like(pre), torch.randn_like(h), torch.randn_like(dy),
+           offsets.double())
+    torch.library.opcheck(_bwd, (dy, x, w13, w2, offsets, gidx, pre, h, "triton", None, None,
+                                 True, True, *nxt), test_utils=checks)
+
+
+@pytest.fixture
+def operand_links(monkeypatch):
+    """The chain's last step hands the step before its wgrad operands (OPERAND_LINKS), as on
+    sm90, also where the fused pair kernel does not run: wgrad_pair is then its two-launch
+    composite, and the chain's plumbing is what is tested."""
+    from kernels import grouped_gemm as gg
+    monkeypatch.setattr(gg.TritonPrimitives, "pair_fused", staticmethod(lambda dev, dt: True))
+    monkeypatch.setattr(expert_mlp_op, "PAIR", True)
+
+
+@pytest.fixture
+def sum_links(monkeypatch):
+    """Every chained step hands the step before fp32 sums (MOC_GMM_WGRAD_PAIR=off)."""
+    monkeypatch.setattr(expert_mlp_op, "PAIR", False)
 
 
 def irl_loop(x, w13, w2, offsets, steps, how):
@@ -59,11 +86,14 @@ def irl_loop(x, w13, w2, offsets, steps, how):
     return h
 
 
+@pytest.mark.parametrize("links", ["sum_links", "operand_links"])
 @pytest.mark.parametrize("steps", [2, 3])
-def test_wgrad_chain_matches_autograd(device, steps):
+def test_wgrad_chain_matches_autograd(device, steps, links, request):
     """fp32: the chain's one sum of the S steps' dW equals autograd's sum of per-step dW (and
     both entry points give the same values, bit for bit: the same kernels in the same order);
-    the forward and dX do not change."""
+    the forward and dX do not change. With the last step's operands handed to the step
+    before (operand_links) as with fp32 sums."""
+    request.getfixturevalue(links)
     x, w13, w2, dy, offsets, _ = make(*CASES[2], False, device)
     out = {}
     for how in ("chain", "op_chain", "autograd"):
@@ -77,9 +107,11 @@ def test_wgrad_chain_matches_autograd(device, steps):
         assert rel(a, b) < 1e-5
 
 
-def test_wgrad_chain_step_off_the_loss(device):
+@pytest.mark.parametrize("links", ["sum_links", "operand_links"])
+def test_wgrad_chain_step_off_the_loss(device, links, request):
     """A chained step whose output never reaches the loss (only its link does): it adds no
     dW, and the weights' gradient is the other step's alone."""
+    request.getfixturevalue(links)
     x, w13, w2, dy, offsets, _ = make(*CASES[0], False, device)
     x2 = torch.randn_like(x)
     (w13c, w2c), (w13a, w2a) = [(w13.clone().requires_grad_(), w2.clone().requires_grad_())
@@ -91,7 +123,7 @@ def test_wgrad_chain_step_off_the_loss(device):
     assert rel(w13c.grad, w13a.grad) < 1e-5 and rel(w2c.grad, w2a.grad) < 1e-5
 
 
-def test_wgrad_chain_backward_order(device, monkeypatch):
+def test_wgrad_chain_backward_order(device, monkeypatch, sum_links):
     """Three steps: the last one's backward (first to run) starts the fp32 sums, the middle
     one adds into them, the first one ends the chain in the weights' dtype; only it hands the
     weights a gradient, and the links hold no memory."""
@@ -125,12 +157,16 @@ def test_wgrad_chain_without_grad(device):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("how", ["autograd", "chain"])
-def test_compiled_chain_matches_eager(device, how):
+@pytest.mark.parametrize("how", ["autograd", "chain", "chain_operand_links"])
+def test_compiled_chain_matches_eager(device, how, request):
     """The S-step loop under torch.compile (fullgraph) against eager: no graph break (the
     public function routes to the custom ops while tracing), the same values and gradients,
     with the weight-gradient chain and without."""
     from torch._dynamo.utils import counters
+
+    if how == "chain_operand_links":
+        request.getfixturevalue("operand_links")
+        how = "chain"
 
     x, w13, w2, dy, offsets, _ = make(*CASES[0], False, device)
     torch._dynamo.reset()
@@ -144,3 +180,34 @@ def test_compiled_chain_matches_eager(device, how):
     assert rel(y, y_e) < 1e-5
     for a, b in zip(leaves, leaves_e):
         assert rel(a.grad, b.grad) < 1e-5
+
+
+def test_wgrad_chain_operand_links(device, monkeypatch, operand_links):
+    """Two steps with operand links: the last step's backward (first to run) computes no
+    wgrad and hands the step before its operands (x, d(gate|up), h, dy, offsets as float64),
+    whose backward sums both steps' dW in one wgrad_pair per weight, in the weights' dtype;
+    the links hold no memory. A last step whose rows differ from the step before's fails by
+    name."""
+    calls, real = [], expert_mlp_op._bwd
+
+    def spy(*args):
+        calls.append((args[13] is not None, args[-1] if len(args) > 18 else False))
+        return real(*args)
+
+    monkeypatch.setattr(expert_mlp_op, "_bwd", spy)
+    x, w13, w2, dy, offsets, _ = make(*CASES[0], False, device)
+    y, leaves = grads(irl_loop, (x, w13, w2), offsets, 2, "op_chain")
+    y.backward(dy)
+    assert calls == [(False, True), (True, False)]    # the last step defers, the first pairs
+    w13g = leaves[1].grad
+    assert w13g is not None and w13g.dtype == w13.dtype
+    _, chain = expert_swiglu_mlp_op(x.clone().requires_grad_(), w13, w2, offsets,
+                                    wgrad_chain=wgrad_chain(2))
+    p, d = x.shape
+    assert [tuple(t.shape) for t in chain.links] == [
+        (p, d), (p, w13.shape[2]), (p, w2.shape[1]), (p, d), tuple(offsets.shape)]
+    assert chain.links[4].dtype == torch.float64
+    assert all(t.stride() == (0,) * t.dim() for t in chain.links)
+    with pytest.raises(ValueError, match="last use must have the rows"):
+        expert_swiglu_mlp_op(torch.cat([x, x[:1]]).requires_grad_(), w13, w2, offsets,
+                             wgrad_chain=chain)

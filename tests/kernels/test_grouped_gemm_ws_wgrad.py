@@ -120,3 +120,54 @@ def test_launch_wgrad_takes_ws_path(monkeypatch):
     a, dy, offsets, _ = make(*CASES[0])
     dw = gg.launch_wgrad(a, dy, offsets)
     assert calls and rel(dw, reference(a, dy, offsets)) < 1e-2
+
+
+# second segments for the pair tests: other counts (empty where the first is not, and the
+# other way round), their own NaN tails
+SECOND = {0: [64, 5, 0, 300], 1: [333, 0, 1], 2: [0, 129, 64, 0, 500], 3: [256] * 8, 4: [3, 0]}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("cfg", wsw.CONFIGS, ids=str)
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_ws_wgrad_pair_matches_reference(case, cfg, mode):
+    """Two segments of rows in one pass (launch_wgrad_ws(second=...)): the sum of both
+    segments' dW (and the addend), each segment's partial last chunk zeroed on its own."""
+    e, k, n, counts, tail = CASES[case]
+    a, dy, offsets, addend = make(*CASES[case])
+    a2, dy2, offsets2, _ = make(e, k, n, SECOND[case], 13, seed=1)
+    rows = (a.shape[0] + a2.shape[0]) // e
+    k_bucket = 1 << max(rows - 1, 0).bit_length()
+
+    def launch(c, acc):
+        return wsw.launch_wgrad_ws(a, dy, c, offsets, acc, k_bucket, tma.num_programs(a.device),
+                                   cfg=wsw.config(*cfg), second=(a2, dy2, offsets2))
+
+    out, ref, tol = run_mode(mode, a, dy, offsets, addend, launch)
+    ref = ref + reference(a2, dy2, offsets2)
+    torch.cuda.synchronize()
+    assert not out.isnan().any()
+    assert rel(out, ref) < tol
+
+
+@pytest.mark.parametrize("ws_wgrad", ["auto", "off"])
+def test_launch_wgrad_pair_fused_and_composite_agree(ws_wgrad, monkeypatch):
+    """launch_wgrad_pair: one fused pass (sm90), or under MOC_GMM_WS_WGRAD=off the composite
+    of two launch_wgrad calls; both the float64 sum of both segments and the addend, which
+    is left as it was."""
+    monkeypatch.setattr(wsw, "MODE", ws_wgrad)
+    calls = []
+    real = wsw.launch_wgrad_ws
+    monkeypatch.setattr(wsw, "launch_wgrad_ws",
+                        lambda *a, **k: calls.append(k.get("second")) or real(*a, **k))
+    e, k, n, counts, tail = CASES[2]
+    a, dy, offsets, addend = make(*CASES[2])
+    a2, dy2, offsets2, _ = make(e, k, n, SECOND[2], 0, seed=1)
+    keep = addend.clone()
+    out = gg.launch_wgrad_pair(a, dy, offsets, None, (a2, dy2, offsets2), addend,
+                               torch.bfloat16)
+    ref = reference(a, dy, offsets, addend) + reference(a2, dy2, offsets2)
+    assert out.dtype == torch.bfloat16 and rel(out, ref) < 1e-2
+    assert torch.equal(addend, keep)
+    fused = [c for c in calls if c is not None]
+    assert bool(fused) == (ws_wgrad == "auto")
