@@ -12,6 +12,10 @@ store) runs under the other's wgmma main loop. What differs from the forward ker
 - an expert's last, partial chunk reads the rows after its end (the next expert's, or the
   unwritten tail of an internal tensor: possibly NaN); the consumer zeroes them in shared
   memory before the wgmma reads the slot, in both operands (0 * NaN would still be NaN);
+- with TWO, a tile's main loop runs on over a second segment of rows (A2, dY2 and their own
+  offsets: the next IRL step's operands) after the first, into the same accumulator, so two
+  steps' dW cost one epilogue and no fp32 partial sum in memory (launch_wgrad_pair); each
+  segment's last, partial chunk is zeroed on its own;
 - the accumulator starts from the fp32 addend (ACCUMULATE: the S-step weight-gradient sum,
   the wgrad_chain of kernels/expert_mlp_op.py) or from zero; experts without rows store it
   as it is.
