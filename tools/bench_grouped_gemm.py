@@ -580,6 +580,11 @@ def main(argv=None):
     ap.add_argument("--sweep-gemms", default=None,
                     help="wssweep part: comma-separated subset of w13_fwd, w13_dgrad, w2_fwd, "
                          "w2_dgrad, w13_wgrad, w2_wgrad (default: all six)")
+    ap.add_argument("--wgrad-pair", default=None,
+                    help="hard-mode part: comma-separated on / off, timed in turns in this one "
+                         "process (kernels/expert_mlp_op.PAIR: the last two S-steps' wgrads "
+                         "in one pass, or each on its own through fp32 sums); default: as "
+                         "MOC_GMM_WGRAD_PAIR says")
     ap.add_argument("--smoke", action="store_true",
                     help="tiny shapes on the CPU (needs TRITON_INTERPRET=1): checks the script")
     args = ap.parse_args(argv)
@@ -638,13 +643,24 @@ def main(argv=None):
     if "probe" in parts:
         rows.append(probe_hard(shapes[1] if len(shapes) > 1 else shapes[0], args.rows, rep))
     if "hard" in parts:
+        from kernels import expert_mlp_op
+        pairs = args.wgrad_pair.split(",") if args.wgrad_pair else [None]
+        if not set(pairs) <= {"on", "off", None}:
+            raise SystemExit(f"--wgrad-pair: on / off, got {args.wgrad_pair!r}")
+        default = expert_mlp_op.PAIR
         for shape in shapes[:2]:
-            try:
-                rows.append(bench_hard_mode(shape, args.rows, rep))
-            except ModuleNotFoundError as err:   # keep the other parts' numbers
-                print(f"  hard mode {shape} skipped: it runs megatron_moc's permute, which "
-                      f"needs megatron-core installed ({err})", flush=True)
-                break
+            for pair in pairs:
+                expert_mlp_op.PAIR = default if pair is None else pair == "on"
+                if pair is not None:
+                    print(f"  wgrad pair {pair}:", flush=True)
+                try:
+                    rows.append(dict(bench_hard_mode(shape, args.rows, rep),
+                                     wgrad_pair=expert_mlp_op.PAIR))
+                except ModuleNotFoundError as err:   # keep the other parts' numbers
+                    print(f"  hard mode {shape} skipped: it runs megatron_moc's permute, which "
+                          f"needs megatron-core installed ({err})", flush=True)
+                    break
+        expert_mlp_op.PAIR = default
     tune = autotune_report()
     print("\n".join(tune))
     print(table(rows))
