@@ -11,7 +11,9 @@ per-expert loop, F.grouped_mm and one dense MLP of equal FLOPs, balanced and Zip
 F.grouped_mm; (4) hard IRL mode: S = 2 where half the rows stop after step 1, against soft
 mode; (5) `--parts pairs`: per GEMM, ours, grouped_mm and mm interleaved in CUDA graphs, so
 each sees the same power state (tools/interleaved_gemm_timing.py); (6) `--parts wgradpairs`:
-the wgrad kernels' fixed configs against grouped_mm, the same way. Times are
+the wgrad kernels' fixed configs against grouped_mm, the same way; (7) `--parts hardpairs`:
+part (4) with soft and hard mode as CUDA graphs replayed in turns, the reduction taken within
+each round (`--wgrad-pair on,off` adds both settings to the same rotation). Times are
 triton.testing.do_bench medians on random data, inputs rotated.
 """
 from __future__ import annotations
@@ -435,6 +437,37 @@ def bench_hard_mode(shape, p, rep):
     return res
 
 
+def bench_hard_pairs(shape, p, pairs=(None,), reps=30):
+    """Soft against hard IRL mode (hard_mode_steps), each captured as a CUDA graph and the
+    graphs replayed in turns (interleaved_gemm_timing.interleaved_replays), so both see the
+    same power state; the reduction is taken within each round (1 - hard / soft), and its
+    median over rounds reported. pairs: wgrad-pair settings ("on" / "off", None: as
+    kernels/expert_mlp_op.PAIR is), a soft and a hard graph each."""
+    from kernels import expert_mlp_op
+    e, d, f = shape
+    step2, leaves = hard_mode_steps(shape, p)
+    default, replays = expert_mlp_op.PAIR, {}
+    try:
+        for pair in pairs:
+            expert_mlp_op.PAIR = default if pair is None else pair == "on"
+            for mode in ("soft", "hard"):   # the pair choice is made while capturing
+                replays[f"{mode}_{pair or 'default'}"] = graphed(lambda m=mode: step2(m), leaves)
+    finally:
+        expert_mlp_op.PAIR = default
+    times = interleaved.interleaved_replays(replays, reps=reps)
+    res = dict(part="hard_pairs", E=e, d=d, f=f, reps=reps)
+    for pair in pairs:
+        tag = pair or "default"
+        soft, hard = times[f"soft_{tag}"], times[f"hard_{tag}"]
+        res[f"soft_{tag}_ms"] = interleaved.median(soft)
+        res[f"hard_{tag}_ms"] = interleaved.median(hard)
+        res[f"reduction_{tag}"] = red = interleaved.median([1 - h / s for s, h in zip(soft, hard)])
+        print(f"  hard mode {shape} interleaved graphs, wgrad pair {tag}: soft "
+              f"{res[f'soft_{tag}_ms']:.3f} ms  hard {res[f'hard_{tag}_ms']:.3f} ms  reduction "
+              f"{100 * red:.1f}% (median of {reps} rounds; ideal 25%)", flush=True)
+    return res
+
+
 def graphed(fn, leaves):
     """fn() (forward + backward) captured in a CUDA graph after a warm-up on a side stream;
     returns the replay. Gradients of `leaves` are reset first so the captured backward
@@ -547,7 +580,7 @@ def table(rows):
                            f"{r['triton_graph'] / r['bmm_graph']:.2f} "
                            f"{r['triton_graph'] / r['grouped_mm_graph']:.2f}")
     for r in rows:
-        if r["part"] in ("bf16_check", "hard_mode", "probe_hard", "sweep", "ws_sweep",
+        if r["part"] in ("bf16_check", "hard_mode", "hard_pairs", "probe_hard", "sweep", "ws_sweep",
                          "gemm_pairs", "wgrad_pairs"):
             out.append(json.dumps(r))
     return "\n".join(out)
@@ -642,6 +675,12 @@ def main(argv=None):
                     (16, 16, 16, 4, 1, g) for g in (1, 8)])))   # --smoke: interpreter-sized
     if "probe" in parts:
         rows.append(probe_hard(shapes[1] if len(shapes) > 1 else shapes[0], args.rows, rep))
+    if "hardpairs" in parts and DEV != "cuda":
+        print("  hardpairs: CUDA graphs only; skipped here", flush=True)
+    elif "hardpairs" in parts:
+        for shape in shapes[:2]:
+            rows.append(bench_hard_pairs(shape, args.rows, tuple(
+                args.wgrad_pair.split(",")) if args.wgrad_pair else (None,)))
     if "hard" in parts:
         from kernels import expert_mlp_op
         pairs = args.wgrad_pair.split(",") if args.wgrad_pair else [None]

@@ -75,24 +75,35 @@ def interleaved_times(fns, rot, calls=10, reps=40, warmup_s=WARMUP_S, on_gpu=Tru
                 times[m].append((time.perf_counter() - t) * 1e3)
         return times
     graphs = {m: capture_graph(fns[m], calls, rot) for m in names}
+    times = interleaved_replays({m: g.replay for m, g in graphs.items()}, reps, warmup_s,
+                                calls)
+    del graphs
+    torch.cuda.empty_cache()
+    return times
+
+
+def interleaved_replays(replays, reps=40, warmup_s=WARMUP_S, calls=1):
+    """{method: [ms per call, one value per round]} for {method: replay()} (a captured CUDA
+    graph's replay holding `calls` calls): replayed in turns for warmup_s, then `reps`
+    rounds in rotated order, one CUDA event pair around every replay."""
+    names = list(replays)
+    times = {m: [] for m in names}
     t_end = time.perf_counter() + warmup_s
     while time.perf_counter() < t_end:
         for m in names:
-            graphs[m].replay()
+            replays[m]()
         torch.cuda.synchronize()
     events = []
     for order in rotations(names, reps):
         for m in order:
             start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            graphs[m].replay()
+            replays[m]()
             stop.record()
             events.append((m, start, stop))
     torch.cuda.synchronize()
     for m, start, stop in events:
         times[m].append(start.elapsed_time(stop) / calls)
-    del graphs
-    torch.cuda.empty_cache()
     return times
 
 
