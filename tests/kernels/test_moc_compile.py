@@ -17,9 +17,21 @@ import tests.unit.test_layer_vs_reference as oracle
                                              ("moe_drops", "none"), ("heavy_drops", "none"),
                                              ("hard_S3_R2", "experts")])
 def test_compiled_layer_matches_oracle(megatron_world, device, monkeypatch, case, recompute):
+    from megatron.core.models.common.embeddings import rope_utils
     from torch._dynamo.utils import counters
 
     from megatron_moc.model.compile import compile_regions
+    from megatron_moc.moc import dispatch
+
+    # compile_regions swaps Megatron's RoPE and the dispatch backward for compiled twins
+    # process-wide (static shapes): put the eager functions back after the test, or every
+    # later test in this process recompiles them for each new shape (greedy decoding: one
+    # compile per length).
+    monkeypatch.setattr(rope_utils, "_apply_rotary_pos_emb_bshd",
+                        rope_utils._apply_rotary_pos_emb_bshd)
+    monkeypatch.setattr(dispatch, "sum_slot_rows", dispatch.sum_slot_rows)
+    monkeypatch.setattr(torch._dynamo.config, "cache_size_limit",
+                        torch._dynamo.config.cache_size_limit)
 
     real = oracle.build_pair
     compiled = []
