@@ -41,3 +41,15 @@ def data(tmp_path_factory, env):
                  "--workers", "2", "--no-progress"]):
         subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
     return d
+
+
+@pytest.fixture(scope="session")
+def two_rank_run(env, data, tmp_path_factory):
+    """8 steps of the tiny recipe on 2 ranks under ZeRO-2 (DP 2, EP 1, clip 1.0), ending in
+    a checkpoint at step 8: test_pretrain's two-ranks-vs-one-rank check and
+    test_expert_parallel's EP = 1 curve read the same run."""
+    from tests.e2e.test_pretrain import run_pretrain
+
+    save = tmp_path_factory.mktemp("two_ranks") / "run"
+    run_pretrain(env, data, save, "train.train_iters=8", nproc=2)
+    return save

@@ -71,20 +71,20 @@ def test_ep4_dp2ep2_tp2ep2_tp2_equal_single_process(env, references):
 
 
 @pytest.mark.slow
-def test_ep2_zero2_trains_like_ep1_and_reshards(env, data, tmp_path):
-    """20 steps on 2 ranks under ZeRO-2 (DP 2, clip 1.0): EP=2 gives EP=1's loss curve
-    (tolerance 1e-5 per step; measured ≤ 5e-7). The EP=2 checkpoint then loads at EP=1, 2 and
-    4 (1, 2 and 4 ranks) through the trainer's own loading path with the same logits
-    (max abs diff ≤ 1e-5; measured 7e-7) and the LR schedule at step 20."""
-    ep1, ep2 = tmp_path / "ep1", tmp_path / "ep2"
-    common = ("train.train_iters=20", "train.save_interval=20", "train.eval_interval=0")
-    run_pretrain(env, data, ep1, *common, nproc=2)
-    run_pretrain(env, data, ep2, *common, "train.expert_model_parallel_size=2", nproc=2)
+def test_ep2_zero2_trains_like_ep1_and_reshards(env, data, tmp_path, two_rank_run):
+    """8 steps on 2 ranks under ZeRO-2 (DP 2, clip 1.0): EP=2 gives EP=1's loss curve
+    (`two_rank_run`, tests/e2e/conftest.py; tolerance 1e-5 per step; measured ≤ 5e-7 over
+    20 steps). The EP=2 checkpoint then loads at EP=1, 2 and 4 (1, 2 and 4 ranks) through the
+    trainer's own loading path with the same logits (max abs diff ≤ 1e-5; measured 7e-7) and
+    the LR schedule at step 8."""
+    ep1, ep2 = two_rank_run, tmp_path / "ep2"
+    run_pretrain(env, data, ep2, "train.train_iters=8", "train.expert_model_parallel_size=2",
+                 nproc=2)
     a, b = train_losses(ep1), train_losses(ep2)
-    assert sorted(b) == list(range(1, 21))
-    for step in range(1, 21):
+    assert sorted(b) == list(range(1, 9))
+    for step in range(1, 9):
         assert abs(a[step] - b[step]) <= 1e-5, (step, a[step], b[step])
-    files = sorted(p.name for p in (ep2 / "step_20").iterdir())
+    files = sorted(p.name for p in (ep2 / "step_8").iterdir())
     assert "experts_ep00.safetensors" in files and "experts_ep01.safetensors" in files, files
     results = {}
     for i, ep in enumerate((2, 1, 4)):
@@ -95,4 +95,4 @@ def test_ep2_zero2_trains_like_ep1_and_reshards(env, data, tmp_path):
     for ep in (1, 4):
         diff = (results[ep]["logits"] - results[2]["logits"]).abs().max().item()
         assert diff <= 1e-5, (ep, diff)
-        assert results[ep]["step"] == 20 and results[ep]["lr"] == pytest.approx(results[2]["lr"])
+        assert results[ep]["step"] == 8 and results[ep]["lr"] == pytest.approx(results[2]["lr"])
