@@ -74,20 +74,25 @@ def test_pretrain_single_rank(env, data, tmp_path):
     assert "layer  0: gini" in proc.stdout  # routing diagnostics
 
 
-@pytest.mark.slow
-def test_resume_is_exact(env, data, tmp_path):
-    """12 steps in one go == 6 steps, stop, resume to 12: same losses and final weights."""
-    full, split = tmp_path / "full", tmp_path / "split"
-    common = ("train.train_iters=12", "train.save_interval=1000", "model.moc_router_noise_std=0.01")
-    run_pretrain(env, data, full, *common)
-    run_pretrain(env, data, split, *common, "train.exit_interval=6")
-    assert (split / "latest").read_text().strip() == "step_6"
-    run_pretrain(env, data, split, *common)
-    a, b = train_losses(full), train_losses(split)
-    assert sorted(b) == list(range(1, 13))
-    for step in range(1, 13):
+# 12 steps; router noise makes the RNG state matter. No checkpoint but the last one.
+RESUME = ("train.train_iters=12", "train.save_interval=1000", "model.moc_router_noise_std=0.01")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(env, data, tmp_path_factory):
+    """12 steps in one go: the yardstick of both resume tests."""
+    full = tmp_path_factory.mktemp("uninterrupted") / "full"
+    run_pretrain(env, data, full, *RESUME)
+    return full
+
+
+def assert_same_run(full, other, steps=12):
+    """Losses of steps 1..`steps` and the final weights equal (max abs diff <= 1e-6)."""
+    a, b = train_losses(full), train_losses(other)
+    assert sorted(b) == list(range(1, steps + 1))
+    for step in range(1, steps + 1):
         assert abs(a[step] - b[step]) <= 1e-6, (step, a[step], b[step])
-    wa, wb = final_weights(full), final_weights(split)
+    wa, wb = final_weights(full), final_weights(other)
     assert wa.keys() == wb.keys()
     for k in wa:
         if isinstance(wa[k], torch.Tensor):
@@ -95,16 +100,25 @@ def test_resume_is_exact(env, data, tmp_path):
 
 
 @pytest.mark.slow
-def test_kill_9_then_resume_is_exact(env, data, tmp_path):
-    """kill -9 mid-run (after the step-6 checkpoint), resume: the losses of steps 1..12 and the
-    final weights equal those of an uninterrupted run (max abs diff <= 1e-6).
-    exit_interval=12 ends both runs at step 12 without changing the LR schedule (train_iters)."""
+def test_resume_is_exact(env, data, tmp_path, uninterrupted):
+    """12 steps in one go == 6 steps, stop, resume to 12: same losses and final weights."""
+    split = tmp_path / "split"
+    run_pretrain(env, data, split, *RESUME, "train.exit_interval=6")
+    assert (split / "latest").read_text().strip() == "step_6"
+    run_pretrain(env, data, split, *RESUME)
+    assert_same_run(uninterrupted, split)
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_is_exact(env, data, tmp_path, uninterrupted):
+    """kill -9 mid-run (after the step-6 checkpoint; a checkpoint every 6 steps), resume: the
+    losses of steps 1..12 and the final weights equal those of the uninterrupted run, which
+    saved no checkpoint on the way (max abs diff <= 1e-6)."""
     import signal
     import time
 
-    full, killed = tmp_path / "full", tmp_path / "killed"
-    common = ("train.train_iters=200", "train.save_interval=6")
-    run_pretrain(env, data, full, *common, "train.exit_interval=12")
+    killed = tmp_path / "killed"
+    common = ("train.train_iters=12", "train.save_interval=6", "model.moc_router_noise_std=0.01")
     base = [f"train.data_path=[{data / 'stdlib'}]", f"train.tokenizer={data / 'tok.model'}",
             f"train.save={killed}", "train.log_interval=1", "train.eval_interval=10",
             "train.eval_iters=2", "train.warmup_iters=5", *common]
@@ -119,14 +133,8 @@ def test_kill_9_then_resume_is_exact(env, data, tmp_path):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert (killed / "latest").read_text().strip() == "step_6", "kill landed too late"
-    run_pretrain(env, data, killed, *common, "train.exit_interval=12")
-    a, b = train_losses(full), train_losses(killed)
-    for step in range(1, 13):
-        assert abs(a[step] - b[step]) <= 1e-6, (step, a[step], b[step])
-    wa, wb = final_weights(full), final_weights(killed)
-    for k in wa:
-        if isinstance(wa[k], torch.Tensor):
-            assert (wa[k].float() - wb[k].float()).abs().max() <= 1e-6, k
+    run_pretrain(env, data, killed, *common)
+    assert_same_run(uninterrupted, killed)
 
 
 @pytest.mark.slow
@@ -157,12 +165,12 @@ def test_sigterm_saves_and_exits(env, data, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.world_size(2)
-def test_two_ranks_zero2_match_one_rank(env, data, tmp_path):
-    """Global batch 8: one rank (micro 4 × grad accum 2) vs two ranks (micro 4 × DP 2).
-    Tolerance 1e-4 on the loss: the sums over samples are added in a different order."""
-    one, two = tmp_path / "one", tmp_path / "two"
+def test_two_ranks_zero2_match_one_rank(env, data, tmp_path, two_rank_run):
+    """Global batch 8: one rank (micro 4 × grad accum 2) vs two ranks (micro 4 × DP 2; the
+    session's `two_rank_run`, tests/e2e/conftest.py). Tolerance 1e-4 on the loss: the sums
+    over samples are added in a different order."""
+    one, two = tmp_path / "one", two_rank_run
     run_pretrain(env, data, one, "train.train_iters=8")
-    run_pretrain(env, data, two, "train.train_iters=8", nproc=2)
     a, b = train_losses(one), train_losses(two)
     assert sorted(b) == list(range(1, 9))
     for step in a:
