@@ -36,7 +36,6 @@ from kernels import grouped_gemm_ws as ws                                      #
 from kernels import grouped_gemm_ws_wgrad as wsw                               # noqa: E402
 from kernels import sustained_timing                                           # noqa: E402
 from kernels.expert_mlp import expert_swiglu_mlp, expert_swiglu_mlp_reference  # noqa: E402
-from kernels.expert_mlp_op import wgrad_chain                                  # noqa: E402
 from tools import interleaved_gemm_timing as interleaved                       # noqa: E402
 
 SHAPES = [(8, 768, 2048), (8, 2048, 5632), (16, 2048, 2816), (64, 2048, 1408)]
@@ -362,112 +361,6 @@ def check_bf16(shape=(8, 768, 2048), p=32768):
     return dict(part="bf16_check", E=e, d=d, f=f, ok=ok, **errs)
 
 
-def hard_mode_steps(shape, p, dtype=torch.bfloat16):
-    """S = 2 expert MLP steps on shared weights (one fp32 weight-gradient chain, as the MoC
-    experts run them). Soft: both steps on all rows. Hard, as the MoC experts run it
-    (megatron_moc/moc/experts.py `_hard_step`): step 2 moves each expert's active half to the
-    front (dispatch.compact_rows: the inactive rows are not read and come out as zeros), runs
-    the MLP on those offsets (its y and dX rows past them left unwritten, zero_tail=False),
-    and moves the rows back (uncompact_rows); each move's backward is the other. Also timed, "hard_permute": the same with plain permutation gathers of all
-    rows both ways (dispatch.permute_rows, the moves before session 19).
-
-    Returns (step2, leaves): step2(mode) runs one forward + backward, mode "soft", "hard" or
-    "hard_permute"; leaves are the tensors whose .grad it writes."""
-    from megatron_moc.moc.dispatch import (compact_active, compact_rows, permute_rows,
-                                           uncompact_rows)
-    e, d, f = shape
-    offsets, counts = routing(p, e, "balanced")
-    bf = dict(device=DEV, dtype=dtype)
-    w13 = (torch.randn(e, d, 2 * f, **bf) / d ** 0.5).requires_grad_()
-    w2 = (torch.randn(e, f, d, **bf) / f ** 0.5).requires_grad_()
-    active = torch.arange(p, device=DEV) % 2 == 0      # every other row stays active
-    order, inverse, off2 = compact_active(active, offsets)
-    count = off2[-1:]
-    xs = [torch.randn(p, d, **bf).requires_grad_() for _ in range(ROT)]
-    # Dense output gradients, as the model's backward delivers them (and as the MLP part
-    # times): a .sum() would hand autograd stride-0 grads whose copies and gathers take other
-    # kernels, and a reduction that is not the experts' work.
-    dys = [(torch.randn(p, d, **bf), torch.randn(p, d, **bf)) for _ in range(ROT)]
-    rot = Rot(list(zip(xs, dys)))
-
-    def step2(mode):
-        x, dy = rot.next()
-        h1, chain = expert_swiglu_mlp(x, w13, w2, offsets, wgrad_chain=wgrad_chain(2))
-        if mode == "soft":
-            h2, _ = expert_swiglu_mlp(h1, w13, w2, offsets, wgrad_chain=chain)
-        elif mode == "hard":
-            y2, _ = expert_swiglu_mlp(compact_rows(h1, order, inverse, count), w13, w2, off2,
-                                      wgrad_chain=chain, zero_tail=False)   # as _hard_step
-            h2 = uncompact_rows(y2, inverse, order, count)
-        else:
-            y2, _ = expert_swiglu_mlp(permute_rows(h1, order, inverse), w13, w2, off2,
-                                      wgrad_chain=chain)
-            h2 = permute_rows(y2, inverse, order)
-        torch.autograd.backward((h1, h2), dy)
-
-    return step2, xs + [w13, w2]
-
-
-def bench_hard_mode(shape, p, rep):
-    """Soft against hard IRL mode, S = 2, eager and in a CUDA graph (hard_mode_steps)."""
-    e, d, f = shape
-    step2, leaves = hard_mode_steps(shape, p)
-    modes = ("soft", "hard", "hard_permute")
-    t = {m: bench(lambda: step2(m), grad_to_none=leaves, rep=rep) for m in modes}
-    # The model replays the whole train step as one CUDA graph (training/cuda_graph.py), so
-    # the per-launch host work (Python, autograd, TMA descriptors) that the eager timing
-    # above includes is not paid there; the graphed timing is the GPU time it does pay.
-    if DEV == "cuda":
-        try:
-            t.update({f"{m}_graph": bench(graphed(lambda: step2(m), leaves), rep=rep)
-                       for m in modes})
-        except RuntimeError as err:   # keep the eager numbers
-            print(f"  hard mode {shape}: CUDA-graph timing failed: {err}", flush=True)
-    res = dict(part="hard_mode", E=e, d=d, f=f, **{f"{k}_ms": v for k, v in t.items()})
-    for sfx, how in (("", "eager"), ("_graph", "CUDA graph")):
-        if f"soft{sfx}_ms" not in res:
-            continue
-        soft = res[f"soft{sfx}_ms"]
-        res[f"reduction{sfx}"] = 1 - res[f"hard{sfx}_ms"] / soft
-        res[f"reduction_permute{sfx}"] = 1 - res[f"hard_permute{sfx}_ms"] / soft
-        print(f"  hard mode {shape} {how}: soft {soft:.3f} ms  hard {res[f'hard{sfx}_ms']:.3f} "
-              f"ms  reduction {100 * res[f'reduction{sfx}']:.1f}% (ideal 25%); with permutation "
-              f"gathers: {res[f'hard_permute{sfx}_ms']:.3f} ms "
-              f"({100 * res[f'reduction_permute{sfx}']:.1f}%)", flush=True)
-    return res
-
-
-def bench_hard_pairs(shape, p, pairs=(None,), reps=30):
-    """Soft against hard IRL mode (hard_mode_steps), each captured as a CUDA graph and the
-    graphs replayed in turns (interleaved_gemm_timing.interleaved_replays), so both see the
-    same power state; the reduction is taken within each round (1 - hard / soft), and its
-    median over rounds reported. pairs: wgrad-pair settings ("on" / "off", None: as
-    kernels/expert_mlp_op.PAIR is), a soft and a hard graph each."""
-    from kernels import expert_mlp_op
-    e, d, f = shape
-    step2, leaves = hard_mode_steps(shape, p)
-    default, replays = expert_mlp_op.PAIR, {}
-    try:
-        for pair in pairs:
-            expert_mlp_op.PAIR = default if pair is None else pair == "on"
-            for mode in ("soft", "hard"):   # the pair choice is made while capturing
-                replays[f"{mode}_{pair or 'default'}"] = graphed(lambda m=mode: step2(m), leaves)
-    finally:
-        expert_mlp_op.PAIR = default
-    times = interleaved.interleaved_replays(replays, reps=reps)
-    res = dict(part="hard_pairs", E=e, d=d, f=f, reps=reps)
-    for pair in pairs:
-        tag = pair or "default"
-        soft, hard = times[f"soft_{tag}"], times[f"hard_{tag}"]
-        res[f"soft_{tag}_ms"] = interleaved.median(soft)
-        res[f"hard_{tag}_ms"] = interleaved.median(hard)
-        res[f"reduction_{tag}"] = red = interleaved.median([1 - h / s for s, h in zip(soft, hard)])
-        print(f"  hard mode {shape} interleaved graphs, wgrad pair {tag}: soft "
-              f"{res[f'soft_{tag}_ms']:.3f} ms  hard {res[f'hard_{tag}_ms']:.3f} ms  reduction "
-              f"{100 * red:.1f}% (median of {reps} rounds; ideal 25%)", flush=True)
-    return res
-
-
 def graphed(fn, leaves):
     """fn() (forward + backward) captured in a CUDA graph after a warm-up on a side stream;
     returns the replay. Gradients of `leaves` are reset first so the captured backward
@@ -486,40 +379,6 @@ def graphed(fn, leaves):
     with torch.cuda.graph(graph):
         fn()
     return graph.replay
-
-
-def probe_hard(shape, p, rep):
-    """Where hard mode's step 2 spends its time: the pieces on the compacted half of the rows,
-    with the gather (as hard mode runs them) and without (the same rows, already compact)."""
-    e, d, f = shape
-    offsets, counts = routing(p, e, "balanced")
-    half = torch.tensor([c // 2 for c in counts])
-    off2 = torch.zeros(e + 1, dtype=torch.int64)
-    off2[1:] = half.cumsum(0)
-    off2 = off2.to(DEV)
-    keep = torch.cat([torch.arange(lo, lo + c, device=DEV) for lo, c in
-                      zip(offsets[:-1].tolist(), half.tolist())])
-    bf = dict(device=DEV, dtype=torch.bfloat16)
-    x, xc = torch.randn(p, d, **bf), torch.randn(len(keep), d, **bf)
-    w13, w2 = torch.randn(e, d, 2 * f, **bf), torch.randn(e, f, d, **bf)
-    dgu = torch.randn(len(keep), 2 * f, **bf)
-    buf = torch.zeros(e, d, 2 * f, device=DEV)
-    res = {}
-    parts = {
-        "swiglu_fwd_gather": lambda: gg.launch_gmm_swiglu(x, w13, off2, keep),
-        "swiglu_fwd_compact": lambda: gg.launch_gmm_swiglu(xc, w13, off2),
-        "wgrad13_gather": lambda: gg.launch_wgrad(x, dgu, off2, keep),
-        "wgrad13_compact": lambda: gg.launch_wgrad(xc, dgu, off2),
-        "wgrad13_gather_acc": lambda: gg.launch_wgrad(x, dgu, off2, keep, accumulate_into=buf),
-        "wgrad13_compact_acc": lambda: gg.launch_wgrad(xc, dgu, off2, accumulate_into=buf),
-        "scatter_rows": lambda: gg.scatter_rows(xc, keep, p),
-        "cast_fp32_grad": lambda: buf.to(torch.bfloat16),
-    }
-    for name, fn in parts.items():
-        res[name] = bench(fn, rep=rep)
-    print(f"  probe hard {shape}: " + "  ".join(f"{k} {v:.3f}ms" for k, v in res.items()),
-          flush=True)
-    return dict(part="probe_hard", E=e, d=d, f=f, **res)
 
 
 def autotune_report():
@@ -673,13 +532,16 @@ def main(argv=None):
                 shape, args.rows, wgrads, on_gpu=DEV == "cuda",
                 **({} if DEV == "cuda" else dict(reps=2, ws_configs=[], tma_configs=[
                     (16, 16, 16, 4, 1, g) for g in (1, 8)])))   # --smoke: interpreter-sized
+    from tools import bench_hard_mode_mlp as hard_mlp
+    hard_mlp.bgg = sys.modules[__name__]   # this module's settings, also when run as a script
     if "probe" in parts:
-        rows.append(probe_hard(shapes[1] if len(shapes) > 1 else shapes[0], args.rows, rep))
+        rows.append(hard_mlp.probe_hard(shapes[1] if len(shapes) > 1 else shapes[0], args.rows,
+                                        rep))
     if "hardpairs" in parts and DEV != "cuda":
         print("  hardpairs: CUDA graphs only; skipped here", flush=True)
     elif "hardpairs" in parts:
         for shape in shapes[:2]:
-            rows.append(bench_hard_pairs(shape, args.rows, tuple(
+            rows.append(hard_mlp.bench_hard_pairs(shape, args.rows, tuple(
                 args.wgrad_pair.split(",")) if args.wgrad_pair else (None,)))
     if "hard" in parts:
         from kernels import expert_mlp_op
@@ -693,7 +555,7 @@ def main(argv=None):
                 if pair is not None:
                     print(f"  wgrad pair {pair}:", flush=True)
                 try:
-                    rows.append(dict(bench_hard_mode(shape, args.rows, rep),
+                    rows.append(dict(hard_mlp.bench_hard_mode(shape, args.rows, rep),
                                      wgrad_pair=expert_mlp_op.PAIR))
                 except ModuleNotFoundError as err:   # keep the other parts' numbers
                     print(f"  hard mode {shape} skipped: it runs megatron_moc's permute, which "

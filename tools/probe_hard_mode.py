@@ -26,6 +26,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tools import bench_grouped_gemm as bgg   # noqa: E402
+from tools import bench_hard_mode_mlp as hard_mlp   # noqa: E402
 
 MODES = ("soft", "hard")
 
@@ -70,7 +71,7 @@ def kernel_times(run, iters, host_table=False, sequence=None):
 
 
 def probe(shape, p, iters, eager=False):
-    step2, leaves = bgg.hard_mode_steps(shape, p)
+    step2, leaves = hard_mlp.hard_mode_steps(shape, p)
     res, wall = {}, {}
     for mode in MODES:
         if eager and bgg.DEV == "cuda":   # as the bench's eager column: grads reset per call

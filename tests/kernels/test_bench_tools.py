@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from tools import bench_grouped_gemm as bgg
+from tools import bench_hard_mode_mlp as hard_mlp
 from tools import bench_irl_hard_mode
 from tools import probe_gemm_kernels, probe_hard_mode
 
@@ -21,7 +22,7 @@ def _grads(step2, leaves, mode):
 def test_hard_mode_variants_agree(device, monkeypatch):
     monkeypatch.setattr(bgg, "DEV", device)
     monkeypatch.setattr(bgg, "ROT", 1)   # one input set: every call sees the same x and dY
-    step2, leaves = bgg.hard_mode_steps((3, 16, 24), 48, dtype=torch.float32)
+    step2, leaves = hard_mlp.hard_mode_steps((3, 16, 24), 48, dtype=torch.float32)
     hard, permute, soft = (_grads(step2, leaves, m) for m in ("hard", "hard_permute", "soft"))
     for a, b in zip(hard, permute):
         assert (a - b).norm() <= 1e-5 * b.norm()
