@@ -30,8 +30,8 @@ def test_compiled_layer_matches_oracle(megatron_world, device, monkeypatch, case
     monkeypatch.setattr(rope_utils, "_apply_rotary_pos_emb_bshd",
                         rope_utils._apply_rotary_pos_emb_bshd)
     monkeypatch.setattr(dispatch, "sum_slot_rows", dispatch.sum_slot_rows)
-    monkeypatch.setattr(torch._dynamo.config, "cache_size_limit",
-                        torch._dynamo.config.cache_size_limit)
+    # (compile_regions also raises dynamo's recompile limit to 32; that stays: torch's config
+    # module does not let monkeypatch put it back, and a higher limit changes no result)
 
     real = oracle.build_pair
     compiled = []
