@@ -288,8 +288,8 @@ def expert_swiglu_mlp_op(x, w13, w2, offsets, gather_index=None, backend="triton
             raise ValueError(
                 f"wgrad_chain: the chain's last use must have the rows and experts of the one "
                 f"before ([{links[0].shape[0]}, {links[0].shape[1]}] rows, "
-                f"{links[4].shape[0] - 1} experts), got [{p}, {x.shape[1]}] and "
-                f"{offsets.shape[0] - 1}")
+                f"offsets {tuple(links[4].shape)}), got [{p}, {x.shape[1]}] and "
+                f"{tuple(offsets.shape)}")
     y, _, _, *out = _fwd(x, w13, w2, offsets, gather_index, backend, save, *links, emit,
                          zero_tail)
     if wgrad_chain is None:

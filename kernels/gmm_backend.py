@@ -24,6 +24,8 @@ import os
 import torch
 import torch.nn.functional as F
 
+from kernels import row_segments
+
 logger = logging.getLogger(__name__)
 _LOGGED: set[str] = set()   # log the chosen path once per process, not once per call
 
@@ -78,17 +80,25 @@ def _grouped_mm_ok(*mats: torch.Tensor) -> bool:
 
 
 def _zero_tail(y: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    # rows past offsets[E] belong to no expert: write zeros (device compare, no sync)
-    rows = torch.arange(y.shape[0], device=y.device)
-    return y.masked_fill_((rows >= offsets[-1])[:, None], 0)
+    # rows outside every expert's rows (past offsets[E], and the gaps of segments) belong to
+    # no expert: write zeros (device compare, no sync)
+    return y.masked_fill_(~row_segments.row_mask(offsets, y.shape[0])[:, None], 0)
+
+
+def _expert_rows_only(offsets: torch.Tensor, *mats: torch.Tensor):
+    """With segments (kernels/row_segments.py), the gap rows of each [P, .] input as zeros:
+    the torch paths then run over the plain offsets and the gaps add nothing (they may hold
+    anything, NaN included). Plain offsets: the inputs as they are."""
+    if not row_segments.is_segments(offsets):
+        return mats
+    keep = row_segments.row_mask(offsets, mats[0].shape[0])[:, None]
+    return tuple(torch.where(keep, m, 0) for m in mats)
 
 
 def _loop_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """Y[rows_e] = A[rows_e] @ B[e]. Reads offsets to the host (loop backend only)."""
     out = a.new_zeros(a.shape[0], b.shape[-1])
-    bounds = offsets.tolist()   # host sync: acceptable in this fallback only
-    for e in range(b.shape[0]):
-        lo, hi = bounds[e], bounds[e + 1]
+    for e, (lo, hi) in enumerate(row_segments.host_bounds(offsets)):  # host sync: fallback
         if hi > lo:
             out[lo:hi] = (a[lo:hi].float() @ b[e].float()).to(a.dtype)
     return out
@@ -97,12 +107,14 @@ def _loop_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.T
 def torch_gmm(a, w, offsets, gather_index=None, trans_w=False, use_grouped_mm=True,
               zero_tail=True):
     """[P, N] = A[rows_e] @ W[e] (W[e]^T with trans_w); A = a[gather_index] when given. Rows
-    [offsets[E], P) are zeros; grouped_mm's are left as it wrote them with zero_tail=False."""
+    outside the experts' rows are zeros; grouped_mm's are left as it wrote them with
+    zero_tail=False."""
     if gather_index is not None:
         a = a.index_select(0, gather_index)
     b = w.transpose(-2, -1) if trans_w else w
     if use_grouped_mm and _grouped_mm_ok(a, b):
-        y = F.grouped_mm(a, b, offs=offsets[1:].to(torch.int32))
+        a, = _expert_rows_only(offsets, a)
+        y = F.grouped_mm(a, b, offs=row_segments.starts(offsets)[1:].to(torch.int32))
         return _zero_tail(y, offsets) if zero_tail else y
     return _loop_mm(a, b, offsets)
 
@@ -125,14 +137,13 @@ def torch_wgrad(a, dy, offsets, gather_index=None, accumulate_into=None, out_dty
     contract)."""
     if gather_index is not None:
         a = a.index_select(0, gather_index)
-    num_experts = offsets.shape[0] - 1 if num_experts is None else num_experts
+    num_experts = row_segments.num_experts(offsets) if num_experts is None else num_experts
     if use_grouped_mm and _grouped_mm_ok(a.t(), dy):
-        dw = F.grouped_mm(a.t(), dy, offs=offsets[1:].to(torch.int32))
+        a, dy = _expert_rows_only(offsets, a, dy)
+        dw = F.grouped_mm(a.t(), dy, offs=row_segments.starts(offsets)[1:].to(torch.int32))
     else:
         dw = a.new_zeros(num_experts, a.shape[1], dy.shape[1], dtype=torch.float32)
-        bounds = offsets.tolist()   # host sync: loop fallback only
-        for e in range(num_experts):
-            lo, hi = bounds[e], bounds[e + 1]
+        for e, (lo, hi) in enumerate(row_segments.host_bounds(offsets)):  # host sync: loop
             dw[e] = a[lo:hi].float().t() @ dy[lo:hi].float()
     if accumulate_into is not None:
         if out_dtype in (None, torch.float32) and not out_of_place:

@@ -12,6 +12,9 @@ Public API
     grouped_gemm(x, w, offsets, gather_index=None, *, backend=None) -> y
         x [T, K] (T = P without gather), w [E, K, N], offsets int64 [E+1] on x's device,
         offsets[0] = 0, nondecreasing, offsets[E] <= P. Rows [offsets[E], P) of y are zeros.
+        offsets may also be segments int64 [2, E+1] (expert e owns [offsets[e], ends[e]),
+        kernels/row_segments.py: hard IRL mode's depth-sorted rows); rows in the gaps are
+        treated as the tail.
         gather_index int64 [P]: row p of the GEMM input is x[gather_index[p]], read by the
         kernel itself (no permuted copy); every entry must be a valid row of x. Backward:
         dx = zeros([T, K]).index_add_(0, gather_index, dY @ W^T): a source row used by
@@ -46,6 +49,7 @@ import torch
 from kernels import grouped_gemm_tma as tma
 from kernels import grouped_gemm_ws as ws
 from kernels import grouped_gemm_ws_wgrad as wsw
+from kernels import row_segments
 from kernels.gmm_backend import (TorchPrimitives, _interpreting, resolve_backend,
                                  wgrad_pair_composite)
 from kernels.swiglu import launch_swiglu_bwd
@@ -96,14 +100,15 @@ if triton is not None:
                                      (128, 256, 32, 8, 4)])
 
     @triton.jit
-    def _find_group(off_ptr, pid_m, P, E, BLOCK_M: tl.constexpr, E_POW2: tl.constexpr):
+    def _find_group(off_ptr, END_SHIFT, pid_m, P, E, BLOCK_M: tl.constexpr,
+                    E_POW2: tl.constexpr):
         """Row tile pid_m -> (group g, first row, end row). Groups 0..E-1 are the experts,
         group E is the zero tail [offsets[E], P); g > E means this tile slot is idle."""
-        starts, ends, tiles, cum = group_table(off_ptr, P, E, BLOCK_M, E_POW2)
+        starts, ends, tiles, cum = group_table(off_ptr, END_SHIFT, P, E, BLOCK_M, E_POW2)
         return group_of(starts, ends, tiles, cum, pid_m, BLOCK_M, E_POW2)
 
     @triton.jit
-    def _gmm_kernel(a_ptr, b_ptr, c_ptr, pre_ptr, off_ptr, gidx_ptr,
+    def _gmm_kernel(a_ptr, b_ptr, c_ptr, pre_ptr, off_ptr, gidx_ptr, END_SHIFT,
                     P, N, K, E, stride_am, stride_be, stride_bk, stride_bn, stride_cm,
                     stride_pm, P_BUCKET,
                     EPILOGUE: tl.constexpr, HAS_GATHER: tl.constexpr, STORE_PRE: tl.constexpr,
@@ -122,7 +127,7 @@ if triton is not None:
         size_m = min(num_slots - first_m, GROUP_M)
         pid_m = first_m + (pid % per_group) % size_m
         pid_n = (pid % per_group) // size_m
-        g, row0, row_end = _find_group(off_ptr, pid_m, P, E, BLOCK_M, E_POW2)
+        g, row0, row_end = _find_group(off_ptr, END_SHIFT, pid_m, P, E, BLOCK_M, E_POW2)
         if g > E:
             return
         rm = row0 + tl.arange(0, BLOCK_M)                   # int64 rows
@@ -173,7 +178,8 @@ if triton is not None:
             store_swiglu(acc, acc_up, c_ptrs, pre_ptr, rm, rn, cmask, N, stride_pm, STORE_PRE)
 
     @triton.jit
-    def _wgrad_kernel(a_ptr, b_ptr, c_ptr, acc_in_ptr, off_ptr, gidx_ptr, K, N, stride_am,
+    def _wgrad_kernel(a_ptr, b_ptr, c_ptr, acc_in_ptr, off_ptr, gidx_ptr, END_SHIFT, K, N,
+                      stride_am,
                       stride_bm, stride_ce, stride_ck, K_BUCKET,
                       HAS_GATHER: tl.constexpr, ACCUMULATE: tl.constexpr, EVEN_K: tl.constexpr,
                       EVEN_N: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -192,7 +198,7 @@ if triton is not None:
         pid_k = first_k + (pid % per_group) % size_k
         pid_n = (pid % per_group) // size_k
         start = tl.load(off_ptr + e)
-        end = tl.load(off_ptr + e + 1)
+        end = tl.load(off_ptr + e + END_SHIFT)
         rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         kmask = rk < K
@@ -291,11 +297,7 @@ def _check(a, w, offsets, gather_index, k_dim):
                          f"and {w.dtype}/{w.device}")
     if a.shape[1] != k_dim:
         raise ValueError(f"in-dim mismatch: a has {a.shape[1]} columns, weight needs {k_dim}")
-    if offsets.dtype != torch.int64 or offsets.shape != (w.shape[0] + 1,):
-        raise ValueError(f"offsets must be int64 [E+1] = [{w.shape[0] + 1}], got "
-                         f"{offsets.dtype} {tuple(offsets.shape)}")
-    if offsets.device != a.device:
-        raise ValueError("offsets must live on the device of x (no host copies)")
+    row_segments.check(offsets, w.shape[0], a.device)
     if gather_index is not None and (gather_index.dtype != torch.int64
                                      or gather_index.dim() != 1):
         raise ValueError("gather_index must be an int64 [P] tensor")
@@ -344,12 +346,14 @@ def _launch(kernel, a, w, c, pre, offsets, gather_index, n, k, epilogue, store_p
         kernel = triton.heuristics(_heur)(_gmm_kernel)
     grid = lambda meta: ((triton.cdiv(p, meta["BLOCK_M"]) + e) * triton.cdiv(n, meta["BLOCK_N"]),)
     kernel[grid](a, w, c, c if pre is None else pre, offsets,
-                 offsets if gather_index is None else gather_index,
+                 offsets if gather_index is None else gather_index, row_segments.end_shift(offsets),
                  p, n, k, e, a.stride(0), w.stride(0), stride_bk, stride_bn, c.stride(0),
                  0 if pre is None else pre.stride(0), _p_bucket(p),
                  EPILOGUE=epilogue, HAS_GATHER=gather_index is not None, STORE_PRE=store_pre,
                  B_K_CONTIG=trans_w, E_POW2=triton.next_power_of_2(e + 1),
                  PREC=_prec(a.dtype), **(config or {}))
+    if zero_tail and row_segments.is_segments(offsets):   # the tail tiles miss the gaps
+        tma.zero_rows_from_end(c, offsets, e)
     return c
 
 
@@ -404,7 +408,8 @@ def launch_gmm_swiglu_bwd(dy, w2, offsets, pre):
                          f"{tuple(pre.shape)}")
     def split():
         dh = launch_gmm(dy, w2, offsets, trans_w=True, zero_tail=False)
-        return launch_swiglu_bwd(pre, dh, offsets[-1:], zero_tail=False)
+        return launch_swiglu_bwd(pre, dh, row_segments.kept_end(offsets), zero_tail=False,
+                                 segments=offsets if row_segments.is_segments(offsets) else None)
 
     if (ws.SWIGLU_BWD != "off" and ws.available(dy)
             and tma.tma_ok(dy, w2d := tma.weights_2d(w2), pre)):
@@ -455,7 +460,7 @@ def launch_wgrad(a, dy, offsets, gather_index=None, accumulate_into=None, out_dt
     out_dtype other than fp32, or with out_of_place, the sum goes to a new tensor of out_dtype
     instead and accumulate_into is left as it was (the last of several uses: add and cast in
     one pass; out_of_place: a sum that must not touch its addend, kernels/expert_mlp_op.py)."""
-    e = offsets.shape[0] - 1 if num_experts is None else num_experts
+    e = row_segments.num_experts(offsets) if num_experts is None else num_experts
     k, n = a.shape[1], dy.shape[1]
     if accumulate_into is not None and (accumulate_into.dtype != torch.float32
                                         or accumulate_into.shape != (e, k, n)):
@@ -484,7 +489,7 @@ def launch_wgrad(a, dy, offsets, gather_index=None, accumulate_into=None, out_dt
     kernel = _wgrad_tuned if config is None else triton.heuristics(_heur)(_wgrad_kernel)
     grid = lambda meta: (triton.cdiv(k, meta["BLOCK_K"]) * triton.cdiv(n, meta["BLOCK_N"]), e)
     kernel[grid](a, dy, c, c if acc_in is None else acc_in, offsets,
-                 offsets if gather_index is None else gather_index,
+                 offsets if gather_index is None else gather_index, row_segments.end_shift(offsets),
                  k, n, a.stride(0), dy.stride(0), c.stride(0), c.stride(1), k_bucket,
                  HAS_GATHER=gather_index is not None, ACCUMULATE=accumulate_into is not None,
                  PREC=_prec(a.dtype), **(config or {}))
@@ -509,13 +514,13 @@ def launch_wgrad_pair(a, dy, offsets, gather_index, second, accumulate_into=None
     session 24). Elsewhere, or under MOC_GMM_WS_WGRAD=off, two launch_wgrad calls
     (gmm_backend.wgrad_pair_composite)."""
     a2, dy2, offsets2 = second
-    e, k, n = offsets.shape[0] - 1, a.shape[1], dy.shape[1]
+    e, k, n = row_segments.num_experts(offsets), a.shape[1], dy.shape[1]
     if (a2.dim() != 2 or dy2.dim() != 2 or a2.shape[1] != k or dy2.shape[1] != n
             or a2.shape[0] != dy2.shape[0] or (a2.dtype, dy2.dtype) != (a.dtype, a.dtype)):
         raise ValueError(f"second: a2 [P2, {k}] and dy2 [P2, {n}] in {a.dtype} expected, got "
                          f"{a2.dtype} {tuple(a2.shape)} and {dy2.dtype} {tuple(dy2.shape)}")
-    if offsets2.shape != offsets.shape:
-        raise ValueError(f"second: offsets2 must be [{e + 1}] like offsets, got "
+    if row_segments.num_experts(offsets2) != e:
+        raise ValueError(f"second: offsets2 must cover E = {e} experts like offsets, got "
                          f"{tuple(offsets2.shape)}")
     fused = pair_fused(a.device, a.dtype) and tma.tma_ok(a, dy, a2, dy2)
     if not fused:
@@ -608,9 +613,7 @@ def grouped_gemm_reference(x, w, offsets, gather_index=None, *, backend=None):
     autograd. backend is accepted and ignored (the reference has one path)."""
     ct = torch.float64 if x.dtype == torch.float64 else torch.float32
     rows = x if gather_index is None else x[gather_index]
-    bounds = offsets.tolist()   # host sync: reference only
-    out = [rows.new_zeros(0, w.shape[2], dtype=ct)]
-    for e in range(w.shape[0]):
-        out.append(rows[bounds[e]:bounds[e + 1]].to(ct) @ w[e].to(ct))
-    out.append(rows.new_zeros(rows.shape[0] - bounds[-1], w.shape[2], dtype=ct))
-    return torch.cat(out).to(x.dtype)
+    out = rows.new_zeros(rows.shape[0], w.shape[2], dtype=ct)
+    for e, (lo, hi) in enumerate(row_segments.host_bounds(offsets)):  # host sync: reference
+        out[lo:hi] = rows[lo:hi].to(ct) @ w[e].to(ct)
+    return out.to(x.dtype)

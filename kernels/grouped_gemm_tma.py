@@ -27,7 +27,7 @@ import os
 
 import torch
 
-from kernels import sustained_timing
+from kernels import row_segments, sustained_timing
 
 try:
     import triton
@@ -167,12 +167,13 @@ if triton is not None:
                                      (64, 64, 32, 4, 2)])
 
     @triton.jit
-    def group_table(off_ptr, P, E, BLOCK_M: tl.constexpr, E_POW2: tl.constexpr):
+    def group_table(off_ptr, END_SHIFT, P, E, BLOCK_M: tl.constexpr, E_POW2: tl.constexpr):
         """Per group (experts 0..E-1, then the zero tail [offsets[E], P) as group E):
-        first row, end row, row-tile count and its inclusive cumsum, as E_POW2 vectors."""
+        first row, end row, row-tile count and its inclusive cumsum, as E_POW2 vectors.
+        Expert e's end row is at off_ptr + e + END_SHIFT (kernels/row_segments.py)."""
         idx = tl.arange(0, E_POW2)
         starts = tl.load(off_ptr + idx, mask=idx <= E, other=P)
-        ends = tl.load(off_ptr + idx + 1, mask=idx < E, other=P)
+        ends = tl.load(off_ptr + idx + END_SHIFT, mask=idx < E, other=P)
         tiles = ((ends - starts + BLOCK_M - 1) // BLOCK_M).to(tl.int32)
         return starts, ends, tiles, tl.cumsum(tiles, 0)
 
@@ -201,7 +202,7 @@ if triton is not None:
 
     @triton.jit
     def _gmm_tma_kernel(a_desc, a_ptr, b_desc, c_desc, c_ptr, pre_ptr, off_ptr, gidx_ptr,
-                        P, N, K, E, stride_am, stride_cm, stride_pm, P_BUCKET,
+                        END_SHIFT, P, N, K, E, stride_am, stride_cm, stride_pm, P_BUCKET,
                         EPILOGUE: tl.constexpr, HAS_GATHER: tl.constexpr,
                         STORE_PRE: tl.constexpr, B_TRANS: tl.constexpr, EVEN_K: tl.constexpr,
                         E_POW2: tl.constexpr, PREC: tl.constexpr, PERSISTENT: tl.constexpr,
@@ -215,7 +216,7 @@ if triton is not None:
         (c_desc) and a group's last partial tile with masked pointer stores (a TMA store
         would clobber the next group's rows); the persistent loop stores by pointer only
         (Triton 3.6's loop flattening rejects the branch)."""
-        starts, ends, tiles, cum = group_table(off_ptr, P, E, BLOCK_M, E_POW2)
+        starts, ends, tiles, cum = group_table(off_ptr, END_SHIFT, P, E, BLOCK_M, E_POW2)
         num_m = tl.sum(tl.where(tl.arange(0, E_POW2) < E, tiles, 0), 0)   # experts only
         num_n = tl.cdiv(N, BLOCK_N)
         k_tiles = tl.cdiv(K, BLOCK_K)
@@ -270,7 +271,8 @@ if triton is not None:
                              STORE_PRE)
 
     @triton.jit
-    def _wgrad_tma_kernel(a_desc, a_ptr, b_desc, c_ptr, acc_in_ptr, off_ptr, gidx_ptr, K, N,
+    def _wgrad_tma_kernel(a_desc, a_ptr, b_desc, c_ptr, acc_in_ptr, off_ptr, gidx_ptr,
+                          END_SHIFT, K, N,
                           stride_am, stride_ce, stride_ck, K_BUCKET,
                           HAS_GATHER: tl.constexpr, ACCUMULATE: tl.constexpr,
                           EVEN_K: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -289,7 +291,7 @@ if triton is not None:
         pid_k = first_k + (pid % per_group) % size_k
         pid_n = (pid % per_group) // size_k
         start = tl.load(off_ptr + e)
-        end = tl.load(off_ptr + e + 1)
+        end = tl.load(off_ptr + e + END_SHIFT)
         k0 = pid_k * BLOCK_K
         n0 = pid_n * BLOCK_N
         rr = tl.arange(0, BLOCK_M)
@@ -326,17 +328,30 @@ if triton is not None:
         tl.store(c_ptr + offs, acc.to(c_ptr.dtype.element_ty), mask=cmask)
 
     @triton.jit
-    def _zero_tail_kernel(c_ptr, off_ptr, P, N, E, stride_cm, BLOCK_M: tl.constexpr,
+    def _zero_tail_kernel(c_ptr, off_ptr, END_SHIFT, P, N, E, stride_cm,
+                          SEGMENTS: tl.constexpr, E_POW2: tl.constexpr, BLOCK_M: tl.constexpr,
                           BLOCK_N: tl.constexpr):
-        """Rows [offsets[E], P) of C [P, N] := 0. One program per BLOCK_M rows, looping over
-        N: programs before the tail return at once. (A [rows, N-tiles] grid made thousands of
-        programs that mostly just returned: 6.1 µs a call against 1.9 µs now, at the 1B MoC
-        shapes on an H100, 160 calls a micro-batch.)"""
+        """Rows of C [P, N] outside every expert's rows := 0: the tail [offsets[E], P), and
+        with SEGMENTS the gaps [ends[e], offsets[e+1]) too (kernels/row_segments.py). One
+        program per BLOCK_M rows, looping over N: programs with no such row return at once.
+        (A [rows, N-tiles] grid made thousands of programs that mostly just returned: 6.1 µs
+        a call against 1.9 µs now, at the 1B MoC shapes on an H100, 160 calls a
+        micro-batch.)"""
         rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        tail = tl.load(off_ptr + E)
-        if tl.program_id(0) * BLOCK_M + BLOCK_M <= tail:
-            return
-        row_mask = ((rm >= tail) & (rm < P))[:, None]
+        if SEGMENTS:
+            idx = tl.arange(0, E_POW2)
+            first = tl.load(off_ptr + idx, mask=idx < E, other=0)
+            end = tl.load(off_ptr + idx + END_SHIFT, mask=idx < E, other=0)
+            inside = (rm[:, None] >= first[None, :]) & (rm[:, None] < end[None, :])
+            dead = (tl.max(inside.to(tl.int32), 1) == 0) & (rm < P)
+            if tl.max(dead.to(tl.int32), 0) == 0:
+                return
+        else:
+            tail = tl.load(off_ptr + E)
+            if tl.program_id(0) * BLOCK_M + BLOCK_M <= tail:
+                return
+            dead = (rm >= tail) & (rm < P)
+        row_mask = dead[:, None]
         zero = tl.zeros((BLOCK_M, BLOCK_N), dtype=c_ptr.dtype.element_ty)
         ptrs = c_ptr + rm.to(tl.int64)[:, None] * stride_cm
         for n0 in range(0, N, BLOCK_N):
@@ -366,9 +381,9 @@ def _desc(t: torch.Tensor) -> "TensorDescriptor":
 def launch_gmm_tma(a, w, c, pre, offsets, gather_index, n, k, epilogue, store_pre, trans_w,
                    p_bucket, prec, config=None, zero_tail=True):
     """The TMA twin of grouped_gemm._launch (arguments already checked there): writes c
-    (and pre) for the experts' rows, and zeros in c's tail [offsets[E], P) when zero_tail;
-    returns c. pre's tail is never written (its one reader, the SwiGLU backward, stops at
-    offsets[E])."""
+    (and pre) for the experts' rows, and zeros in c's other rows (tail, and gaps of
+    segments) when zero_tail; returns c. pre's are never written (its one reader, the SwiGLU
+    backward, reads the experts' rows only)."""
     p, e = c.shape[0], w.shape[0]
     w2 = weights_2d(w)
     a_desc = None if gather_index is not None else _desc(a)
@@ -387,7 +402,7 @@ def launch_gmm_tma(a, w, c, pre, offsets, gather_index, n, k, epilogue, store_pr
 
     kernel[grid](a_desc, a, b_desc, c_desc, c, c if pre is None else pre, offsets,
                  offsets if gather_index is None else gather_index,
-                 p, n, k, e, a.stride(0), c.stride(0), 0 if pre is None else pre.stride(0),
+                 row_segments.end_shift(offsets), p, n, k, e, a.stride(0), c.stride(0), 0 if pre is None else pre.stride(0),
                  p_bucket, EPILOGUE=epilogue, HAS_GATHER=gather_index is not None,
                  STORE_PRE=store_pre, B_TRANS=trans_w,
                  E_POW2=triton.next_power_of_2(e + 1), PREC=prec,
@@ -398,10 +413,15 @@ def launch_gmm_tma(a, w, c, pre, offsets, gather_index, n, k, epilogue, store_pr
 
 
 def zero_rows_from_end(c: torch.Tensor, offsets: torch.Tensor, e: int) -> None:
-    """c[offsets[e]:] = 0 without reading offsets on the host."""
+    """Zeros in the rows of c outside every expert's rows (c[offsets[e]:] for plain offsets;
+    also the gaps of segments, kernels/row_segments.py), without reading offsets on the
+    host."""
     p, n = c.shape
     bm, bn = (16, 16) if _interpreting() else (64, 128)
-    _zero_tail_kernel[(triton.cdiv(p, bm),)](c, offsets, p, n, e, c.stride(0),
+    _zero_tail_kernel[(triton.cdiv(p, bm),)](c, offsets, row_segments.end_shift(offsets), p, n,
+                                             e, c.stride(0),
+                                             SEGMENTS=row_segments.is_segments(offsets),
+                                             E_POW2=triton.next_power_of_2(e + 1),
                                              BLOCK_M=bm, BLOCK_N=bn)
 
 
@@ -417,7 +437,8 @@ def launch_wgrad_tma(a, dy, c, offsets, gather_index, acc_in, k_bucket, prec, co
         _size_wgrad_blocks(dict(config, a_desc=a_desc, b_desc=b_desc))
     grid = lambda meta: (triton.cdiv(k, meta["BLOCK_K"]) * triton.cdiv(n, meta["BLOCK_N"]), e)
     kernel[grid](a_desc, a, b_desc, c, c if acc_in is None else acc_in, offsets,
-                 offsets if gather_index is None else gather_index, k, n,
+                 offsets if gather_index is None else gather_index,
+                 row_segments.end_shift(offsets), k, n,
                  a.stride(0), c.stride(0), c.stride(1), k_bucket,
                  HAS_GATHER=gather_index is not None, ACCUMULATE=acc_in is not None, PREC=prec,
                  **(config or {}))

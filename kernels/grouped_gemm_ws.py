@@ -41,7 +41,7 @@ import os
 
 import torch
 
-from kernels import sustained_timing
+from kernels import row_segments, sustained_timing
 
 try:
     import triton
@@ -107,18 +107,19 @@ def available(a: torch.Tensor) -> bool:
 
 if gluon is not None:
     @gluon.jit
-    def _row_tiles(off_ptr, E, BLOCK_M: gl.constexpr):
-        """Row tiles over all experts: sum_e ceil(rows_e / BLOCK_M)."""
-        start = gl.load(off_ptr)
-        n = start - start
+    def _row_tiles(off_ptr, end_ptr, E, BLOCK_M: gl.constexpr):
+        """Row tiles over all experts: sum_e ceil(rows_e / BLOCK_M); expert e's rows are
+        [off_ptr[e], end_ptr[e]) (end_ptr = off_ptr + 1 for plain offsets,
+        kernels/row_segments.py)."""
+        n = gl.load(off_ptr) * 0
         for e in range(E):
-            end = gl.load(off_ptr + e + 1)
+            start = gl.load(off_ptr + e)
+            end = gl.load(end_ptr + e)
             n += (end - start + BLOCK_M - 1) // BLOCK_M
-            start = end
         return n.to(gl.int32)
 
     @gluon.jit
-    def _tile_of(tile, num_m, num_n, off_ptr, E, BLOCK_M: gl.constexpr,
+    def _tile_of(tile, num_m, num_n, off_ptr, end_ptr, E, BLOCK_M: gl.constexpr,
                  BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr):
         """Tile index -> (expert, first row, expert's end row, first column); GROUP_M row
         tiles share their B tiles in L2 (the TMA kernel's swizzle)."""
@@ -127,20 +128,19 @@ if gluon is not None:
         size_m = gl.minimum(num_m - first_m, GROUP_M)
         pid_m = first_m + (tile % per_group) % size_m
         pid_n = (tile % per_group) // size_m
-        start = gl.load(off_ptr)
-        seen = start - start
-        row0 = start
-        row_end = start
+        row0 = gl.load(off_ptr)
+        seen = row0 * 0
+        row_end = row0
         g = pid_m - pid_m
         for e in range(E):
-            end = gl.load(off_ptr + e + 1)
+            start = gl.load(off_ptr + e)
+            end = gl.load(end_ptr + e)
             t = (end - start + BLOCK_M - 1) // BLOCK_M
             hit = (pid_m >= seen) & (pid_m < seen + t)
             row0 = gl.where(hit, start + (pid_m - seen) * BLOCK_M, row0)
             row_end = gl.where(hit, end, row_end)
             g = gl.where(hit, e, g)
             seen += t
-            start = end
         return g, row0, row_end, pid_n * BLOCK_N
 
     @gluon.jit
@@ -168,16 +168,16 @@ if gluon is not None:
         a_desc, b_desc, c_desc = descs
         a_bufs, b_bufs, c_bufs = bufs
         ready, empty, turn = bars
-        c_ptr, pre_ptr, off_ptr, N, K, E, stride_cm, stride_pm = scal
-        num_m = _row_tiles(off_ptr, E, BLOCK_M)
+        c_ptr, pre_ptr, off_ptr, end_ptr, N, K, E, stride_cm, stride_pm = scal
+        num_m = _row_tiles(off_ptr, end_ptr, E, BLOCK_M)
         num_n = gl.cdiv(N, BLOCK_N)
         k_tiles = gl.cdiv(K, BLOCK_K)
         nbytes: gl.constexpr = (a_desc.block_type.nbytes
                                 + b_desc.block_type.nbytes * (2 if EPILOGUE == 1 else 1))
         it = 0
         for tile in range(gl.program_id(0), num_m * num_n, gl.num_programs(0)):
-            g, row0, row_end, n0 = _tile_of(tile, num_m, num_n, off_ptr, E, BLOCK_M, BLOCK_N,
-                                            GROUP_M)
+            g, row0, row_end, n0 = _tile_of(tile, num_m, num_n, off_ptr, end_ptr, E, BLOCK_M,
+                                            BLOCK_N, GROUP_M)
             r0 = row0.to(gl.int32)
             for kk in range(k_tiles):
                 s = it % STAGES
@@ -213,11 +213,11 @@ if gluon is not None:
         a_desc, b_desc, c_desc = descs
         a_bufs, b_bufs, c_bufs = bufs
         ready, empty, turn = bars
-        c_ptr, pre_ptr, off_ptr, N, K, E, stride_cm, stride_pm = scal
+        c_ptr, pre_ptr, off_ptr, end_ptr, N, K, E, stride_cm, stride_pm = scal
         acc_layout: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
         COOP: gl.constexpr = SUB_M < BLOCK_M
-        num_m = _row_tiles(off_ptr, E, BLOCK_M)
+        num_m = _row_tiles(off_ptr, end_ptr, E, BLOCK_M)
         num_n = gl.cdiv(N, BLOCK_N)
         k_tiles = gl.cdiv(K, BLOCK_K)
         nprog = gl.num_programs(0)
@@ -231,8 +231,8 @@ if gluon is not None:
             first = gl.program_id(0)
             local_step = 1
         for tile in range(first, num_m * num_n, local_step * nprog):
-            g, row0, row_end, n0 = _tile_of(tile, num_m, num_n, off_ptr, E, BLOCK_M, BLOCK_N,
-                                            GROUP_M)
+            g, row0, row_end, n0 = _tile_of(tile, num_m, num_n, off_ptr, end_ptr, E, BLOCK_M,
+                                            BLOCK_N, GROUP_M)
             it = local * k_tiles          # the ring position of this tile's first k step
             if COOP:                      # this consumer's rows of the tile
                 row0 = row0 + WHICH * SUB_M
@@ -313,7 +313,8 @@ if gluon is not None:
         tma.store_wait(0)
 
     @gluon.jit
-    def _gmm_ws_kernel(a_desc, b_desc, c_desc, c_ptr, pre_ptr, off_ptr, N, K, E, stride_cm,
+    def _gmm_ws_kernel(a_desc, b_desc, c_desc, c_ptr, pre_ptr, off_ptr, END_SHIFT, N, K, E,
+                       stride_cm,
                        stride_pm, P_BUCKET, B_TRANS: gl.constexpr, EPILOGUE: gl.constexpr,
                        STORE_PRE: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                        BLOCK_K: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr,
@@ -334,7 +335,7 @@ if gluon is not None:
         descs = (a_desc, b_desc, c_desc)
         bufs = (a_bufs, b_bufs, c_bufs)
         bars = (ready, empty, turn)
-        scal = (c_ptr, pre_ptr, off_ptr, N, K, E, stride_cm, stride_pm)
+        scal = (c_ptr, pre_ptr, off_ptr, off_ptr + END_SHIFT, N, K, E, stride_cm, stride_pm)
         if CONSUMERS == 2:
             gl.warp_specialize([
                 (_mma_partition, (descs, bufs, bars, scal, 0, B_TRANS, EPILOGUE, STORE_PRE,
@@ -440,7 +441,8 @@ def launch_gmm_ws(a, w2, c, offsets, n, k, e, trans_w, p_bucket, num_programs, c
     if cfg is not None:
         kernel, extra = _gmm_ws_kernel, dict(cfg.all_kwargs())
         _size_blocks(dict(extra, a_desc=a_desc, b_desc=b_desc, c_desc=c_desc, B_TRANS=trans_w))
-    kernel[grid](a_desc, b_desc, c_desc, c, c if pre is None else pre, offsets, n, k, e,
+    kernel[grid](a_desc, b_desc, c_desc, c, c if pre is None else pre, offsets,
+                 row_segments.end_shift(offsets), n, k, e,
                  c.stride(0), 0 if pre is None else pre.stride(0), p_bucket, B_TRANS=trans_w,
                  EPILOGUE=epilogue, STORE_PRE=store_pre, **extra)
     return c

@@ -51,6 +51,7 @@ import os
 import torch
 
 from kernels import grouped_gemm_ws as ws
+from kernels import row_segments
 
 # "auto": grouped_gemm.launch_wgrad times this kernel against the TMA wgrad kernel once per
 # key and keeps the faster (grouped_gemm_ws.choose); "on" / "off" decide outright. Under
@@ -82,7 +83,8 @@ CONFIGS = [(128, 128, 64, 4, 2), (128, 128, 64, 5, 2), (64, 256, 64, 4, 2), (128
 
 if ws.gluon is not None:
     @gluon.jit
-    def _tile_of(tile, num_k, num_n, off_ptr, BLOCK_R: gl.constexpr, GROUP_K: gl.constexpr):
+    def _tile_of(tile, num_k, num_n, off_ptr, end_ptr, BLOCK_R: gl.constexpr,
+                 GROUP_K: gl.constexpr):
         """Tile index -> (expert, its first row, its end row, its chunk count, K-tile,
         N-tile). Expert-major; inside an expert GROUP_K row-tiles of dW share their dY
         chunks in L2 (the TMA wgrad kernel's swizzle)."""
@@ -95,7 +97,7 @@ if ws.gluon is not None:
         pid_k = first_k + (rem % per_group) % size_k
         pid_n = (rem % per_group) // size_k
         start = gl.load(off_ptr + e)
-        end = gl.load(off_ptr + e + 1)
+        end = gl.load(end_ptr + e)
         chunks = ((end - start + BLOCK_R - 1) // BLOCK_R).to(gl.int32)
         return e, start, end, chunks, pid_k, pid_n
 
@@ -108,7 +110,7 @@ if ws.gluon is not None:
         a_desc, b_desc, c_desc, a2_desc, b2_desc = descs
         a_bufs, b_bufs, c_bufs = bufs
         ready, empty, turn = bars
-        c_ptr, acc_ptr, off_ptr, off2_ptr, K, N, E, stride_ce, stride_ck = scal
+        c_ptr, acc_ptr, off_ptr, end_ptr, off2_ptr, end2_ptr, K, N, E, stride_ce, stride_ck = scal
         num_k = gl.cdiv(K, BLOCK_K)
         num_n = gl.cdiv(N, BLOCK_N)
         A_SPLIT: gl.constexpr = BLOCK_K // SUB_K     # A boxes per slot: 2 cooperative
@@ -116,8 +118,8 @@ if ws.gluon is not None:
         it = 0
         for tile in range(gl.program_id(0), E * num_k * num_n, gl.num_programs(0)):
             e, start, end, chunks, pid_k, pid_n = _tile_of(tile, num_k, num_n, off_ptr,
-                                                           BLOCK_R, GROUP_K)
-            start2, end2, chunks2 = _second_segment(off2_ptr, e, BLOCK_R, TWO)
+                                                           end_ptr, BLOCK_R, GROUP_K)
+            start2, end2, chunks2 = _second_segment(off2_ptr, end2_ptr, e, BLOCK_R, TWO)
             for c in range(chunks + chunks2):
                 s = it % STAGES
                 mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)
@@ -148,12 +150,12 @@ if ws.gluon is not None:
         _tma_load(b_desc, [r, col_n], bar, b_bufs.index(s))
 
     @gluon.jit
-    def _second_segment(off2_ptr, e, BLOCK_R: gl.constexpr, TWO: gl.constexpr):
+    def _second_segment(off2_ptr, end2_ptr, e, BLOCK_R: gl.constexpr, TWO: gl.constexpr):
         """(first row, end row, chunk count) of expert e in the second segment's rows, or an
         empty segment without TWO."""
         if TWO:
             start2 = gl.load(off2_ptr + e)
-            end2 = gl.load(off2_ptr + e + 1)
+            end2 = gl.load(end2_ptr + e)
             return start2, end2, ((end2 - start2 + BLOCK_R - 1) // BLOCK_R).to(gl.int32)
         else:
             return 0, 0, 0
@@ -178,7 +180,7 @@ if ws.gluon is not None:
         a_desc, b_desc, c_desc, a2_desc, b2_desc = descs
         a_bufs, b_bufs, c_bufs = bufs
         ready, empty, turn = bars
-        c_ptr, acc_ptr, off_ptr, off2_ptr, K, N, E, stride_ce, stride_ck = scal
+        c_ptr, acc_ptr, off_ptr, end_ptr, off2_ptr, end2_ptr, K, N, E, stride_ce, stride_ck = scal
         # C's descriptor is over C itself only when C is 16-bit (c_descriptor)
         TMA_STORE: gl.constexpr = c_desc.dtype == c_ptr.dtype.element_ty
         c_smem = c_bufs.index(WHICH)
@@ -192,8 +194,8 @@ if ws.gluon is not None:
         local = 0
         for tile in range(gl.program_id(0), E * num_k * num_n, nprog):
             e, start, end, chunks, pid_k, pid_n = _tile_of(tile, num_k, num_n, off_ptr,
-                                                           BLOCK_R, GROUP_K)
-            start2, end2, chunks2 = _second_segment(off2_ptr, e, BLOCK_R, TWO)
+                                                           end_ptr, BLOCK_R, GROUP_K)
+            start2, end2, chunks2 = _second_segment(off2_ptr, end2_ptr, e, BLOCK_R, TWO)
             if PINGPONG:
                 mine = local % 2 == WHICH
             else:           # every tile: one consumer, or cooperative
@@ -255,13 +257,13 @@ if ws.gluon is not None:
 
     @gluon.jit
     def _wgrad_ws_kernel(a_desc, b_desc, c_desc, a2_desc, b2_desc, c_ptr, acc_ptr, off_ptr,
-                         off2_ptr, K, N, E, stride_ce, stride_ck, K_BUCKET, TWO: gl.constexpr,
+                         off2_ptr, END_SHIFT, END_SHIFT2, K, N, E, stride_ce, stride_ck, K_BUCKET, TWO: gl.constexpr,
                          ACCUMULATE: gl.constexpr, BLOCK_K: gl.constexpr,
                          BLOCK_N: gl.constexpr, BLOCK_R: gl.constexpr, GROUP_K: gl.constexpr,
                          STAGES: gl.constexpr, MMA_REGS: gl.constexpr, LOAD_REGS: gl.constexpr,
                          CONSUMERS: gl.constexpr, PINGPONG: gl.constexpr, SUB_K: gl.constexpr):
         """C[e] = (ACC[e] +) A[rows_e]^T @ B[rows_e] (+ A2[rows2_e]^T @ B2[rows2_e] with TWO):
-        A [P, K], B [P, N], rows_e = off[e]:off[e+1] (A2 [P2, K], B2 [P2, N], rows2_e by off2;
+        A [P, K], B [P, N], rows_e = off[e]:end[e] (end = off + END_SHIFT, kernels/row_segments.py; A2 [P2, K], B2 [P2, N], rows2_e by off2;
         without TWO, a2_desc / b2_desc / off2_ptr are not read), C and ACC [E, K, N]
         of the same strides (ACC fp32; ACC may be C itself); c_desc: C as [E * K, N] when C
         is 16-bit and contiguous, else a placeholder of another dtype (pointer stores only).
@@ -278,7 +280,8 @@ if ws.gluon is not None:
         descs = (a_desc, b_desc, c_desc, a2_desc, b2_desc)
         bufs = (a_bufs, b_bufs, c_bufs)
         bars = (ready, empty, turn)
-        scal = (c_ptr, acc_ptr, off_ptr, off2_ptr, K, N, E, stride_ce, stride_ck)
+        scal = (c_ptr, acc_ptr, off_ptr, off_ptr + END_SHIFT, off2_ptr, off2_ptr + END_SHIFT2,
+                K, N, E, stride_ce, stride_ck)
         if CONSUMERS == 2:
             gl.warp_specialize([
                 (_mma_partition, (descs, bufs, bars, scal, 0, TWO, ACCUMULATE, BLOCK_K, BLOCK_N,
@@ -373,6 +376,7 @@ def launch_wgrad_ws(a, dy, c, offsets, acc_in, k_bucket, num_programs, cfg=None,
         _size_blocks(dict(extra, a_desc=a_desc, b_desc=b_desc, c_desc=c_desc, c_ptr=c,
                           a2_desc=a2_desc, b2_desc=b2_desc))
     kernel[grid](a_desc, b_desc, c_desc, a2_desc, b2_desc, c, c if acc_in is None else acc_in,
-                 offsets, offsets2, k, n, e, c.stride(0), c.stride(1), k_bucket,
+                 offsets, offsets2, row_segments.end_shift(offsets),
+                 row_segments.end_shift(offsets2), k, n, e, c.stride(0), c.stride(1), k_bucket,
                  TWO=second is not None, ACCUMULATE=acc_in is not None, **extra)
     return c

@@ -86,8 +86,10 @@ def _usage(cubin: bytes) -> dict:
     return {k.lower(): int(v) for k, v in re.findall(r"(REG|LOCAL):(\d+)", out)}
 
 
-def compile_ws(epilogue: int, trans: bool, cfg: tuple, e=8, k=768, f=2048, p=4096) -> dict:
-    """Compile one config of the WS kernel; returns regs, local (spill bytes), smem."""
+def compile_ws(epilogue: int, trans: bool, cfg: tuple, e=8, k=768, f=2048, p=4096,
+               shift=1) -> dict:
+    """Compile one config of the WS kernel; returns regs, local (spill bytes), smem.
+    shift: END_SHIFT, 1 for plain offsets, e + 1 for segments (kernels/row_segments.py)."""
     from kernels import grouped_gemm_tma as tma
     from kernels import grouped_gemm_ws as ws
     bf = torch.bfloat16
@@ -104,16 +106,16 @@ def compile_ws(epilogue: int, trans: bool, cfg: tuple, e=8, k=768, f=2048, p=409
     descs = dict(a_desc=ws._desc(a), b_desc=ws._desc(tma.weights_2d(w)), c_desc=ws._desc(c))
     ws._size_blocks(dict(kw, B_TRANS=trans, **descs))
     kernel = ws._gmm_ws_kernel.warmup(
-        descs["a_desc"], descs["b_desc"], descs["c_desc"], c, pre, offsets, n, k, e,
+        descs["a_desc"], descs["b_desc"], descs["c_desc"], c, pre, offsets, shift, n, k, e,
         c.stride(0), pre.stride(0), p, B_TRANS=trans, EPILOGUE=epilogue,
         STORE_PRE=epilogue == 1, grid=(1,), **kw)
     return dict(_usage(kernel.asm["cubin"]), smem=kernel.metadata.shared, ptx=kernel.asm["ptx"])
 
 
 def compile_wgrad_ws(accumulate: bool, cfg: tuple, e=8, k=768, n=2048, p=4096,
-                     two=False) -> dict:
+                     two=False, shift=1) -> dict:
     """Compile one config of the WS wgrad kernel (kernels/grouped_gemm_ws_wgrad.py); two:
-    with a second segment of rows (launch_wgrad_pair)."""
+    with a second segment of rows (launch_wgrad_pair); shift: both END_SHIFTs."""
     from kernels import grouped_gemm_ws as ws
     from kernels import grouped_gemm_ws_wgrad as wsw
     bf = torch.bfloat16
@@ -126,7 +128,7 @@ def compile_wgrad_ws(accumulate: bool, cfg: tuple, e=8, k=768, n=2048, p=4096,
     wsw._size_blocks(dict(kw, c_ptr=c, **descs))
     kernel = wsw._wgrad_ws_kernel.warmup(
         descs["a_desc"], descs["b_desc"], descs["c_desc"], descs["a2_desc"], descs["b2_desc"],
-        c, c, offsets, offsets, k, n, e, c.stride(0), c.stride(1), p, TWO=two,
+        c, c, offsets, offsets, shift, shift, k, n, e, c.stride(0), c.stride(1), p, TWO=two,
         ACCUMULATE=accumulate, grid=(1,), **kw)
     return dict(_usage(kernel.asm["cubin"]), smem=kernel.metadata.shared, ptx=kernel.asm["ptx"])
 
@@ -154,7 +156,14 @@ def main(argv=None) -> int:
             + [(f"wgrad accumulate {int(acc)} {c}", compile_wgrad_ws, (acc, c))
                for c in wgrad for acc in (False, True)]
             + [(f"wgrad pair accumulate {int(acc)} {c}", compile_wgrad_ws,
-                (acc, c, 8, 768, 2048, 4096, True)) for c in wgrad for acc in (False, True)])
+                (acc, c, 8, 768, 2048, 4096, True)) for c in wgrad for acc in (False, True)]
+            # hard IRL mode's segments (a runtime END_SHIFT, not the specialized 1)
+            + [(f"segments epilogue {ep} trans {int(tr)} {c}", compile_ws,
+                (ep, tr, c, 8, 768, 2048, 4096, 9))
+               for ep, tr, c in ((0, False, plain[0]), (1, False, swiglu[0]),
+                                 (0, True, plain[0]))]
+            + [(f"segments wgrad pair {wgrad[0]}", compile_wgrad_ws,
+                (False, wgrad[0], 8, 768, 2048, 4096, True, 9))])
     bad = 0
     print(f"triton {triton.__version__}, target sm90")
     for name, compile_one, job in jobs:

@@ -40,7 +40,7 @@ def _gmm_dev_desc_kernel(a_ptr, b_ptr, c_ptr, off_ptr, P, N, K, E, stride_am, st
                          WS: tl.constexpr, FLATTEN: tl.constexpr, SUBTILE: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                          GROUP_M: tl.constexpr):
-    starts, ends, tiles, cum = group_table(off_ptr, P, E, BLOCK_M, E_POW2)
+    starts, ends, tiles, cum = group_table(off_ptr, 1, P, E, BLOCK_M, E_POW2)
     num_m = tl.sum(tl.where(tl.arange(0, E_POW2) < E, tiles, 0), 0)
     num_n = tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)

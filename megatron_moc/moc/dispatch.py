@@ -18,6 +18,7 @@ layer on the 1B MoE at micro 8 on one H100, where a gather moves the same bytes 
 """
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -34,12 +35,21 @@ class DispatchPlan:
     row_NK: torch.Tensor      # int64 [N, K]: dispatched row of each pair (inverse of pair_P)
 
 
-def plan_dispatch(experts_NK: torch.Tensor, keep_NK: torch.Tensor, num_experts: int) -> DispatchPlan:
-    """Order pairs by (dropped, expert), stable; count kept pairs per expert on the device."""
+def plan_dispatch(experts_NK: torch.Tensor, keep_NK: torch.Tensor, num_experts: int,
+                  steps_NK: Optional[torch.Tensor] = None, max_steps: int = 0) -> DispatchPlan:
+    """Order pairs by (dropped, expert), stable; count kept pairs per expert on the device.
+    steps_NK: int64 [N, K] in 0..max_steps, each pair's IRL step count in hard mode
+    (experts.depth_sorted_activity): each expert's rows then come highest count first, so
+    the rows that run step s are a prefix of the expert's rows (kernels/row_segments.py)."""
     num_slots = experts_NK.shape[1]
     experts = experts_NK.reshape(-1)
     keep = keep_NK.reshape(-1)
-    key = experts + num_experts * (~keep).long()
+    if steps_NK is None:
+        key = experts + num_experts * (~keep).long()
+    else:
+        levels = max_steps + 1
+        key = ((experts + num_experts * (~keep).long()) * levels
+               + (max_steps - steps_NK.reshape(-1)))
     pair_P = torch.argsort(key, stable=True)
     row_of_pair = torch.empty_like(pair_P).scatter_(
         0, pair_P, torch.arange(pair_P.numel(), device=pair_P.device))

@@ -13,8 +13,12 @@ then up), w2 [E, F, D]. One place picks how the grouped MLP runs (`moc_expert_ba
     loop        a Python loop over experts: the readable spec, fp64 tests only (it reads the
                 offsets back to the host, so never on a training path)
     auto        triton when it can run, else grouped_mm (fp32/bf16), else loop (fp64)
-Hard adaptive mode runs step s on the still-active rows only, compacted per expert, so the
-grouped GEMM does no work for the others.
+Hard adaptive mode runs step s on the still-active rows only, so the grouped GEMM does no
+work for the others. A row's step count depends on x alone (its gate G_e(x)), so the layer
+can sort each expert's rows by it, highest first, in the dispatch permutation it builds
+anyway (`depth_sorted_activity`): step s's rows are then a prefix of each expert's rows and
+the kernels run on row segments (kernels/row_segments.py), nothing moved. Callers that cannot
+sort (expert parallelism's received rows) get the compaction of `_hard_step` instead.
 """
 
 import functools
@@ -31,7 +35,8 @@ from torch.utils.checkpoint import checkpoint
 from megatron_moc.model.norm import rms_norm
 from megatron_moc.moc.adaptive import gate_entropy, step_activity
 from megatron_moc.moc.dispatch import compact_active, compact_rows, uncompact_rows
-from megatron_moc.moc.logits import own_gate_logits
+from megatron_moc.moc.logits import fp32_logits, own_gate_logits
+from kernels import row_segments
 
 log = logging.getLogger(__name__)
 _LOGGED = set()
@@ -46,21 +51,19 @@ def _log_once(msg: str) -> None:
 # ----------------------------------------------------------------------------- backends
 def swiglu_mlp_loop(z_PD, w13_EDF, w2_EFD, offsets_E1):
     """Readable reference: one expert at a time. Syncs on `offsets.tolist()` (tests only)."""
-    bounds = offsets_E1.tolist()
-    pieces = []
-    for e in range(w13_EDF.shape[0]):
-        rows = z_PD[bounds[e]:bounds[e + 1]]
-        gate, up = (rows @ w13_EDF[e]).chunk(2, dim=-1)
-        pieces.append((F.silu(gate) * up) @ w2_EFD[e])
-    pieces.append(z_PD.new_zeros(z_PD.shape[0] - bounds[-1], w2_EFD.shape[-1]))
-    return torch.cat(pieces)
+    out = z_PD.new_zeros(z_PD.shape[0], w2_EFD.shape[-1])
+    for e, (lo, hi) in enumerate(row_segments.host_bounds(offsets_E1)):   # offsets or segments
+        gate, up = (z_PD[lo:hi] @ w13_EDF[e]).chunk(2, dim=-1)
+        out[lo:hi] = (F.silu(gate) * up) @ w2_EFD[e]
+    return out
 
 
 def swiglu_mlp_grouped_mm(z_PD, w13_EDF, w2_EFD, offsets_E1):
     """F.grouped_mm with device-side int32 offsets. grouped_mm leaves rows past the last
-    offset (and their gradients) uninitialized, so both are masked with `where`."""
-    valid = (torch.arange(z_PD.shape[0], device=z_PD.device) < offsets_E1[-1]).unsqueeze(-1)
-    offs = offsets_E1[1:].to(torch.int32)
+    offset (and their gradients) uninitialized, so both are masked with `where` (and so are
+    the gaps of row segments, which it computes and we drop)."""
+    valid = row_segments.row_mask(offsets_E1, z_PD.shape[0]).unsqueeze(-1)
+    offs = row_segments.starts(offsets_E1)[1:].to(torch.int32)
     z = torch.where(valid, z_PD, 0).contiguous()
     gate_up = torch.where(valid, F.grouped_mm(z, w13_EDF, offs=offs), 0)
     gate, up = gate_up.chunk(2, dim=-1)
@@ -182,15 +185,44 @@ class IRLExperts(nn.Module):
         return gate_entropy(self._own_gate_logits(x_PD, expert_P),
                             self.config.moc_step_gate_temperature)
 
+    @property
+    def sorts_by_depth(self) -> bool:
+        """Whether the layer should hand `forward` each expert's rows sorted by step count,
+        highest first, with their activity (`depth_sorted_activity`): hard mode with step
+        gates, and all E experts on this rank (expert parallelism's received rows arrive
+        from several ranks, and take the compaction instead)."""
+        return (self.config.moc_adaptive_mode == "hard" and self.step_gate_weight is not None
+                and self.expert_parallel == 1)
+
+    def depth_sorted_activity(self, x_ND: torch.Tensor, experts_NK: torch.Tensor):
+        """(activity fp32 [N, K, S], E[steps] fp32 [N, K], steps int64 [N, K]) of each (token,
+        slot) pair under its own expert's step gate, from the tokens: the layer sorts the
+        dispatch by `steps` and passes the first two, in row order, to `forward`, so the
+        sort and the steps' row ranges come from the same numbers. The gate GEMM runs on the
+        N tokens against all E gates at once ([N, D]·[D, E(S+1)]), as `own_gate_logits`
+        does on the rows."""
+        weight, bias = self.step_gate_weight, self.step_gate_bias
+        E, O, D = weight.shape
+        N, K = experts_NK.shape
+        logits = fp32_logits(x_ND, weight.reshape(E * O, D), bias.reshape(-1)).view(N, E, O)
+        logits = logits.gather(1, experts_NK.unsqueeze(-1).expand(N, K, O))
+        activity, expected = step_activity(logits.reshape(N * K, O),
+                                           self.config.moc_step_gate_temperature, "hard")
+        steps = activity.sum(-1).long()
+        return activity.view(N, K, -1), expected.view(N, K), steps.view(N, K)
+
     def _own_gate_logits(self, x_PD: torch.Tensor, expert_P: torch.Tensor) -> torch.Tensor:
         """fp32 [P, S+1]: each row's logits under its own expert's step gate."""
         return own_gate_logits(x_PD, self.step_gate_weight, self.step_gate_bias, expert_P)
 
-    def forward(self, x_PD: torch.Tensor, expert_P: torch.Tensor, offsets_E1: torch.Tensor
+    def forward(self, x_PD: torch.Tensor, expert_P: torch.Tensor, offsets_E1: torch.Tensor,
+                activity: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
                 ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Args: x_PD rows sorted by expert (kept rows first); expert_P int64 [P];
-        offsets_E1 int64 [E+1]. Returns (h_PD: IRL output, zero-update past offsets[E];
-        expected_steps_P fp32 [P])."""
+        offsets_E1 int64 [E+1]; activity: None, or (activity fp32 [P, S], E[steps] fp32 [P])
+        of the rows from `depth_sorted_activity`, each expert's rows then sorted by step
+        count, highest first (hard mode: step s runs on row segments, nothing moved).
+        Returns (h_PD: IRL output, zero-update past offsets[E]; expected_steps_P fp32 [P])."""
         mlp = pick_backend(self.config.moc_expert_backend, x_PD)
         chain = None
         if mlp is swiglu_mlp_triton and self.steps > 1 and torch.is_grad_enabled():
@@ -199,8 +231,10 @@ class IRLExperts(nn.Module):
             from kernels.expert_mlp_op import wgrad_chain
 
             chain = wgrad_chain(self.steps)
-        activity_PS, expected_P = self.activity(x_PD, expert_P)
+        activity_PS, expected_P = (self.activity(x_PD, expert_P) if activity is None
+                                   else activity)
         hard = self.config.moc_adaptive_mode == "hard" and self.step_gate_weight is not None
+        on_segments = hard and activity is not None
         norm_w_PD = rows_of(self.norm_weight, expert_P)   # the rows' RMSNorm_e weights
         eps = self.config.layernorm_epsilon
         # moc_recompute: keep only each step's inputs, rerun the step (its grouped MLP too,
@@ -209,7 +243,11 @@ class IRLExperts(nn.Module):
         h = x_PD
         for s in range(self.steps):
             a_P1 = (activity_PS[:, s:s + 1] * self.alpha).to(x_PD.dtype)
-            if hard:
+            if on_segments:   # the soft step's code on this step's row segments
+                step = functools.partial(self._soft_step, mlp, self.w13, self.w2, eps=eps,
+                                         offsets_E1=self._step_segments(
+                                             activity_PS[:, s], expert_P, offsets_E1))
+            elif hard:
                 step = functools.partial(self._hard_step, mlp, self.w13, self.w2,
                                          active_P=activity_PS[:, s], offsets_E1=offsets_E1,
                                          eps=eps)
@@ -223,6 +261,17 @@ class IRLExperts(nn.Module):
                 update, chain = step(h, x_PD, norm_w_PD, a_P1, chain)
             h = h + update
         return h, expected_P
+
+    def _step_segments(self, active_P: torch.Tensor, expert_P: torch.Tensor,
+                       offsets_E1: torch.Tensor) -> torch.Tensor:
+        """Row segments [2, E+1] of one hard step on depth-sorted rows: each expert's rows
+        still active are the first `count` of its rows (kernels/row_segments.py). The counts
+        come from a [P, E] compare on the device, no host sync."""
+        experts_E = torch.arange(self.num_experts, device=expert_P.device)
+        kept_P = torch.arange(expert_P.shape[0], device=expert_P.device) < offsets_E1[-1]
+        live_P = (active_P > 0) & kept_P
+        count_E = ((expert_P.unsqueeze(1) == experts_E) & live_P.unsqueeze(1)).sum(0)
+        return row_segments.with_active_ends(offsets_E1, count_E)
 
     @staticmethod
     def _mlp(mlp, z, w13, w2, offsets_E1, chain, zero_tail=True):

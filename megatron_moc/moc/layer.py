@@ -111,7 +111,18 @@ class MoCLayer(nn.Module):
         shape = hidden_states.shape
         x_ND = hidden_states.reshape(-1, shape[-1])
         routing = self.router(x_ND)
-        plan = plan_dispatch(routing.experts_NK, routing.keep_NK, self.num_experts)
+        sorted_activity = None
+        if self.expert_parallel == 1 and getattr(self.experts, "sorts_by_depth", False):
+            # hard mode: each expert's rows by step count (its first rows run every step)
+            act_NKS, expected_NK, steps_NK = self.experts.depth_sorted_activity(
+                x_ND, routing.experts_NK)
+            plan = plan_dispatch(routing.experts_NK, routing.keep_NK, self.num_experts,
+                                 steps_NK, self.experts.steps)
+            pair_P = plan.pair_P
+            sorted_activity = (act_NKS.reshape(pair_P.shape[0], -1).index_select(0, pair_P),
+                               expected_NK.reshape(-1).index_select(0, pair_P))
+        else:
+            plan = plan_dispatch(routing.experts_NK, routing.keep_NK, self.num_experts)
         if self.expert_parallel > 1:
             from megatron_moc.parallel.expert_parallel import run_experts_all_to_all
 
@@ -120,7 +131,7 @@ class MoCLayer(nn.Module):
                 gate_entropy=self.config.gate_entropy_on)
         else:
             h_PD, expected_steps_P = self.experts(dispatch(x_ND, plan), plan.expert_P,
-                                                  plan.offsets_E1)
+                                                  plan.offsets_E1, activity=sorted_activity)
         # combine [N, K, D] (dropped pairs zeroed, tokens without a kept pair fall back to x)
         # happens inside the combiner (mediator.py): compiled, those passes fuse there.
         result = self.combiner(x_ND, h_PD, plan, routing.probs_NK, routing.keep_NK)

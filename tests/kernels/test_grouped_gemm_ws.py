@@ -238,8 +238,9 @@ def test_ws_kernel_compiles_for_sm90_without_a_gpu(tmp_path):
                        capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr[-3000:]
     # first and last config of each kind: 2 plain x 2 layouts + 2 SwiGLU + 2 SwiGLU backward
-    # + 2 wgrad x 2 addends, each also with a second segment (the wgrad pair)
-    assert r.stdout.count("spill bytes 0") == 16, r.stdout
+    # + 2 wgrad x 2 addends, each also with a second segment (the wgrad pair), and 4 with
+    # row segments (hard IRL mode: a runtime END_SHIFT)
+    assert r.stdout.count("spill bytes 0") == 20, r.stdout
 
 
 @pytest.mark.parametrize("module", ["grouped_gemm_ws", "grouped_gemm_ws_wgrad"])
