@@ -8,12 +8,14 @@
 Why: issue 3's hard-mode bar (expert forward+backward time >= 20% under soft mode when half
 the rows stop after step 1 of S = 2) is timed by `bench_grouped_gemm.py --parts hard` on the
 expert MLP alone, with the compaction's permutes as bare eager gathers. The model runs more
-than that, and runs it compiled: each step is `IRLExperts._soft_step` or `_hard_step`
-(RMSNorm_e of h + x, the Triton MLP through the weight-gradient chain, the update a·α·y,
-and in hard mode the compaction: prefix sum, offsets, the row moves in and out), inside one
+than that, and runs it compiled: each step is `IRLExperts._soft_step` (RMSNorm_e of h + x,
+the Triton MLP through the weight-gradient chain, the update a·α·y; in hard mode on the
+step's row segments, their counts from a compare on the device), or `_hard_step` (the
+compaction of expert parallelism's path: prefix sum, offsets, row moves in and out), inside one
 torch.compile region (`moc_compile`), the train step replayed as a CUDA graph. Here both
 modes run those very functions on the same 0/1 step activity (hard mode's, from the step
-gate's argmax: step 1 on every row, step 2 on every other row, so each expert keeps half),
+gate's argmax: step 1 on every row, step 2 on the first half of each expert's rows, as the
+dispatch sorts them),
 eager and compiled, each replayed in a CUDA graph; soft mode computes the stopped rows and
 multiplies their update by 0, hard mode skips them. Both modes must give the same h and
 the same gradients (checked first); then the time per forward + backward of the S steps,
@@ -34,7 +36,8 @@ from tools import bench_grouped_gemm as bgg                    # noqa: E402
 from tools.probe_hard_mode import kernel_times, side_by_side   # noqa: E402
 from tools.probe_irl_fusions import irl_steps                  # noqa: E402
 
-MODES = ("soft", "hard")
+MODES = ("soft", "hard", "hard_compact")
+HARD = {"soft": False, "hard": "segments", "hard_compact": "compact"}   # irl_steps' `hard`
 
 
 def setup(shape, p, steps, dtype):
@@ -49,14 +52,17 @@ def setup(shape, p, steps, dtype):
     w2 = (torch.randn(e, f, d, **mk) / f ** 0.5).requires_grad_()
     norm_weight = (1 + 0.1 * torch.randn(e, d, **mk)).requires_grad_()
     x = torch.randn(p, d, **mk).requires_grad_()
-    activity = torch.ones(p, steps, device=bgg.DEV)          # fp32 0/1, as hard mode's gate
-    activity[1::2, 1:] = 0.0                                 # every other row stops after step 1
+    # fp32 0/1, as hard mode's gate: the second half of each expert's rows stops after
+    # step 1 (the dispatch sorts each expert's rows by step count, highest first)
+    activity = torch.ones(p, steps, device=bgg.DEV)
+    for lo, c in zip(offsets[:-1].tolist(), counts):
+        activity[lo + c // 2:lo + c, 1:] = 0.0
     dout = torch.randn(p, d, **mk)
 
     def run(mode, fn):
         # the model's forward builds the rows' norm weights once, for either mode
         out = fn(x, rows_of(norm_weight, expert), activity, w13, w2, offsets, steps,
-                 hard=mode == "hard")
+                 hard=HARD[mode], expert=expert)
         out.backward(dout)
         return out
 
@@ -75,8 +81,8 @@ def check(run, leaves, fn, dtype):
     for t in leaves:
         t.grad = None
     names = ("h", "dx", "dnorm_weight", "dw13", "dw2")
-    errs = {n: float((a - b).norm() / b.norm().clamp_min(1e-30))
-            for n, a, b in zip(names, got["hard"], got["soft"])}
+    errs = {f"{mode} {n}": float((a - b).norm() / b.norm().clamp_min(1e-30))
+            for mode in MODES[1:] for n, a, b in zip(names, got[mode], got["soft"])}
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
     bad = {n: v for n, v in errs.items() if not v <= tol}
     if bad:
@@ -102,11 +108,14 @@ def bench_shape(shape, p, steps, rep, kernels, smoke):
                 times[mode] = bgg.bench(call, grad_to_none=leaves)
             calls[mode] = call
         red = 1 - times["hard"] / times["soft"]
-        res.update({f"{how}_{m}_ms": t for m, t in times.items()}, **{f"{how}_reduction": red})
+        red_c = 1 - times["hard_compact"] / times["soft"]
+        res.update({f"{how}_{m}_ms": t for m, t in times.items()}, **{f"{how}_reduction": red},
+                   **{f"{how}_reduction_compact": red_c})
         print(f"IRL experts {shape}, {p} rows, S = {steps}, {how}"
               f"{' (CUDA graph)' if bgg.DEV == 'cuda' else ''}: soft {times['soft']:.3f} ms  "
-              f"hard {times['hard']:.3f} ms  reduction {100 * red:.1f}%  (hard vs soft max "
-              f"rel err {res[f'{how}_max_rel_err']:.1e})", flush=True)
+              f"hard {times['hard']:.3f} ms  reduction {100 * red:.1f}%; with the compaction "
+              f"{times['hard_compact']:.3f} ms ({100 * red_c:.1f}%)  (hard vs soft max rel err "
+              f"{res[f'{how}_max_rel_err']:.1e})", flush=True)
         if kernels:
             table = {m: kernel_times(calls[m], 10) for m in MODES}
             res[f"{how}_kernels"] = side_by_side(table, f"  kernels, {how}")

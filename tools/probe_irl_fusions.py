@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from kernels.expert_mlp_op import wgrad_chain                 # noqa: E402
-from megatron_moc.moc.experts import IRLExperts, swiglu_mlp_triton   # noqa: E402
+from megatron_moc.moc.experts import IRLExperts, step_segments, swiglu_mlp_triton  # noqa: E402
 from tools import bench_grouped_gemm as bgg                    # noqa: E402
 from tools.probe_hard_mode import kernel_times                 # noqa: E402
 
@@ -39,23 +39,27 @@ OURS = ("_gmm_kernel", "_wgrad_kernel", "_gmm_tma_kernel", "_wgrad_tma_kernel",
 EPS = 1e-6
 
 
-def irl_steps(x, norm_w, activity, w13, w2, offsets, steps, hard=False):
+def irl_steps(x, norm_w, activity, w13, w2, offsets, steps, hard=False, expert=None):
     """h after `steps` IRL steps (MOC_MATH.md §3), each the model's own
     `IRLExperts._soft_step` on the Triton MLP, the steps' weight gradients summed in fp32
     through the wgrad chain as the model does (kernels/expert_mlp_op.py).
-    hard: run `IRLExperts._hard_step` instead (rows with activity 0 skipped, as in the
-    model's hard mode)."""
+    hard: rows with activity 0 skipped, as in the model's hard mode: "segments" (the layer's
+    path: each expert's active rows first, `expert` int64 [P] given; each step on its row
+    segments, experts.step_segments) or "compact" (`IRLExperts._hard_step`, the compaction
+    of expert parallelism's path)."""
     alpha = 1.0 / math.sqrt(steps)
     chain = wgrad_chain(steps) if steps > 1 else None
     h = x
     for s in range(steps):
         a = (activity[:, s:s + 1] * alpha).to(x.dtype)
-        if not hard:
-            update, chain = IRLExperts._soft_step(swiglu_mlp_triton, w13, w2, h, x, norm_w, a,
-                                                  chain, offsets, EPS)
-        else:
+        if hard == "compact":
             update, chain = IRLExperts._hard_step(swiglu_mlp_triton, w13, w2, h, x, norm_w, a,
                                                   chain, activity[:, s], offsets, EPS)
+        else:
+            rows = (step_segments(activity[:, s], expert, offsets) if hard == "segments"
+                    else offsets)
+            update, chain = IRLExperts._soft_step(swiglu_mlp_triton, w13, w2, h, x, norm_w, a,
+                                                  chain, rows, EPS)
         h = h + update
     return h
 

@@ -122,6 +122,18 @@ def rows_of(weight_ED: torch.Tensor, expert_P: torch.Tensor) -> torch.Tensor:
     return onehot_PE @ weight_ED
 
 
+def step_segments(active_P: torch.Tensor, expert_P: torch.Tensor, offsets_E1: torch.Tensor
+                  ) -> torch.Tensor:
+    """Row segments [2, E+1] of one hard step on depth-sorted rows: each expert's rows still
+    active are the first `count` of its rows (kernels/row_segments.py). The counts come from
+    a [P, E] compare on the device, no host sync."""
+    experts_E = torch.arange(offsets_E1.shape[0] - 1, device=expert_P.device)
+    kept_P = torch.arange(expert_P.shape[0], device=expert_P.device) < offsets_E1[-1]
+    live_P = (active_P > 0) & kept_P
+    count_E = ((expert_P.unsqueeze(1) == experts_E) & live_P.unsqueeze(1)).sum(0)
+    return row_segments.with_active_ends(offsets_E1, count_E)
+
+
 # ----------------------------------------------------------------------------- module
 class IRLExperts(nn.Module):
     """E experts, each a SwiGLU FFN with its own RMSNorm_e and (adaptive) step gate G_e."""
@@ -245,7 +257,7 @@ class IRLExperts(nn.Module):
             a_P1 = (activity_PS[:, s:s + 1] * self.alpha).to(x_PD.dtype)
             if on_segments:   # the soft step's code on this step's row segments
                 step = functools.partial(self._soft_step, mlp, self.w13, self.w2, eps=eps,
-                                         offsets_E1=self._step_segments(
+                                         offsets_E1=step_segments(
                                              activity_PS[:, s], expert_P, offsets_E1))
             elif hard:
                 step = functools.partial(self._hard_step, mlp, self.w13, self.w2,
@@ -261,17 +273,6 @@ class IRLExperts(nn.Module):
                 update, chain = step(h, x_PD, norm_w_PD, a_P1, chain)
             h = h + update
         return h, expected_P
-
-    def _step_segments(self, active_P: torch.Tensor, expert_P: torch.Tensor,
-                       offsets_E1: torch.Tensor) -> torch.Tensor:
-        """Row segments [2, E+1] of one hard step on depth-sorted rows: each expert's rows
-        still active are the first `count` of its rows (kernels/row_segments.py). The counts
-        come from a [P, E] compare on the device, no host sync."""
-        experts_E = torch.arange(self.num_experts, device=expert_P.device)
-        kept_P = torch.arange(expert_P.shape[0], device=expert_P.device) < offsets_E1[-1]
-        live_P = (active_P > 0) & kept_P
-        count_E = ((expert_P.unsqueeze(1) == experts_E) & live_P.unsqueeze(1)).sum(0)
-        return row_segments.with_active_ends(offsets_E1, count_E)
 
     @staticmethod
     def _mlp(mlp, z, w13, w2, offsets_E1, chain, zero_tail=True):

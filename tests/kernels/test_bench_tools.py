@@ -1,6 +1,6 @@
 """The benchmark tools run what they claim: the hard-mode part's three step-2 variants (soft,
-hard by the compaction moves, hard by permutation gathers) train the same weights the same way on the
-rows they keep; the model-level hard-mode bench checks hard against soft mode before it
+hard on row segments, hard by the compaction moves) train the same weights the same way on
+the rows they keep; the model-level hard-mode bench checks hard against soft mode before it
 times them, and refuses to time a hard mode that disagrees; the kernel probe reports every
 GEMM for every method."""
 import pytest
@@ -23,8 +23,8 @@ def test_hard_mode_variants_agree(device, monkeypatch):
     monkeypatch.setattr(bgg, "DEV", device)
     monkeypatch.setattr(bgg, "ROT", 1)   # one input set: every call sees the same x and dY
     step2, leaves = hard_mlp.hard_mode_steps((3, 16, 24), 48, dtype=torch.float32)
-    hard, permute, soft = (_grads(step2, leaves, m) for m in ("hard", "hard_permute", "soft"))
-    for a, b in zip(hard, permute):
+    hard, compact, soft = (_grads(step2, leaves, m) for m in ("hard", "hard_compact", "soft"))
+    for a, b in zip(hard, compact):
         assert (a - b).norm() <= 1e-5 * b.norm()
     # soft mode runs step 2 on every row: a different (larger) update than hard mode's
     assert all((a - b).norm() > 1e-3 * b.norm() for a, b in zip(hard, soft))
@@ -51,11 +51,11 @@ def test_irl_hard_mode_check_refuses_a_disagreeing_hard_mode(device, monkeypatch
     run, leaves = bench_irl_hard_mode.setup((2, 16, 24), 20, 2, torch.float32)
     from tools.probe_irl_fusions import irl_steps
 
-    def wrong(x, norm_w, act, w13, w2, off, steps, hard=False):
-        out = irl_steps(x, norm_w, act, w13, w2, off, steps, hard)
-        return out * 1.01 if hard else out   # a hard mode 1% off
+    def wrong(x, norm_w, act, w13, w2, off, steps, hard=False, expert=None):
+        out = irl_steps(x, norm_w, act, w13, w2, off, steps, hard, expert)
+        return out * 1.01 if hard == "segments" else out   # a hard mode 1% off
     assert bench_irl_hard_mode.check(run, leaves, irl_steps, torch.float32) <= 1e-4
-    with pytest.raises(RuntimeError, match="disagrees with soft mode.*'h'"):
+    with pytest.raises(RuntimeError, match="disagrees with soft mode.*'hard h'"):
         bench_irl_hard_mode.check(run, leaves, wrong, torch.float32)
 
 
