@@ -189,3 +189,35 @@ def test_swiglu_bwd_skips_gaps(zero_tail, device, poison):
     assert rel(out[inside], want[inside]) < 1e-6
     if zero_tail:
         assert (out[~inside] == 0).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pair", [True, False])
+def test_bf16_two_steps_on_segments_on_gpu(pair, monkeypatch):
+    """Hard mode's layout on the GPU's own kernels (on sm90 the warp-specialized GEMMs and the
+    fused wgrad pair): two bf16 steps through one weight-gradient chain, step 1 on most of
+    each expert's rows and step 2 on a prefix of them, NaN in every input row outside the
+    segments; against the fp32 reference, relative error <= 1e-2."""
+    from kernels import expert_mlp_op
+    monkeypatch.setattr(expert_mlp_op, "PAIR", pair)
+    counts, tail = [900, 0, 2100, 37, 501, 700, 1, 400], 77
+    seg1 = segments_of(counts, [800, 0, 2100, 30, 0, 699, 1, 400], "cuda")
+    seg2 = segments_of(counts, [333, 0, 1000, 30, 0, 1, 0, 399], "cuda")
+    e, d, f, p = 8, 256, 384, sum(counts) + tail
+    g = torch.Generator().manual_seed(5)
+    bf = dict(device="cuda", dtype=torch.bfloat16)
+    x = outside_as_nan(torch.randn(p, d, generator=g).to(**bf), seg1)
+    w13 = (torch.randn(e, d, 2 * f, generator=g) / d ** 0.5).to(**bf).requires_grad_()
+    w2 = (torch.randn(e, f, d, generator=g) / f ** 0.5).to(**bf).requires_grad_()
+    dy1, dy2 = (torch.randn(p, d, generator=g).to(**bf) for _ in range(2))
+    h1, chain = expert_swiglu_mlp(x, w13, w2, seg1, wgrad_chain=wgrad_chain(2))
+    h2, _ = expert_swiglu_mlp(outside_as_nan(h1, seg2), w13, w2, seg2, wgrad_chain=chain)
+    torch.autograd.backward((h1, h2), (dy1, dy2))
+    ref = [t.detach().float().requires_grad_() for t in (w13, w2)]
+    h1_r = expert_swiglu_mlp_reference(torch.nan_to_num(x.float()), *ref, seg1)
+    h2_r = expert_swiglu_mlp_reference(h1_r, *ref, seg2)
+    torch.autograd.backward((h1_r, h2_r), (dy1.float(), dy2.float()))
+    assert rel(h1, h1_r) < 1e-2 and rel(h2, h2_r) < 1e-2
+    assert not h2.isnan().any() and (h2[~row_segments.row_mask(seg2, p)] == 0).all()
+    for got, want in zip((w13, w2), ref):
+        assert got.grad.dtype == torch.bfloat16 and rel(got.grad, want.grad) < 1e-2
