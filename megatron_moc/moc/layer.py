@@ -112,7 +112,7 @@ class MoCLayer(nn.Module):
         x_ND = hidden_states.reshape(-1, shape[-1])
         routing = self.router(x_ND)
         sorted_activity = None
-        if self.expert_parallel == 1 and getattr(self.experts, "sorts_by_depth", False):
+        if getattr(self.experts, "sorts_by_depth", False):   # False under EP (experts.py)
             # hard mode: each expert's rows by step count (its first rows run every step)
             act_NKS, expected_NK, steps_NK = self.experts.depth_sorted_activity(
                 x_ND, routing.experts_NK)
